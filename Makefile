@@ -1,0 +1,122 @@
+# tether developer entry points. A fresh Debian 12 machine with python3 (>= 3.11), node 20, git
+# and gcc needs nothing else: `make test` installs the rest.
+#
+#   make venv          .venv with tether editable + dev extras (stamp: re-runs when pyproject changes)
+#   make deps          Debian packages the tests use (chromium, redis, Go + x/net + gorilla); apt only
+#                      when something is missing
+#   make autobahn-env  Autobahn wstest (Python 2.7 virtualenv) into .tools/, or kosoku as a fallback
+#   make test          everything: node tests, then the whole pytest suite including slow tests
+#   make test-fast     pytest without the slow tests
+#   make demo          examples/hello on http://127.0.0.1:8000
+#   make clean
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.ONESHELL:
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+TOOLS := .tools
+VENV_STAMP := $(VENV)/.tether-dev-installed
+# Asyncio debug mode in every test run (STYLE.md 15); warnings are errors via pyproject.toml.
+PYTEST := PYTHONASYNCIODEBUG=1 $(VENV)/bin/pytest -p no:cacheprovider -ra
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+APT_PACKAGES := chromium redis-server golang-go golang-golang-x-net-dev golang-github-gorilla-websocket-dev
+
+# Autobahn testsuite: PyPI's 25.10.1 is Python 2 code; pins from its own requires.txt
+# (see /work/shared/notes/conformance.md).
+WSTEST := $(TOOLS)/wstest
+WSTEST_PINS := autobahntestsuite==25.10.1 txaio==2.1.0 incremental==16.10.1 pyOpenSSL==19.1.0 \
+	cryptography==3.3.2 Twisted==19.10.0 zope.interface==4.6.0 jinja2==2.11.3 markupsafe==1.1.1 \
+	Werkzeug==1.0.1 klein==17.10.0 service_identity==18.1.0 unittest2==1.1.0 six==1.16.0 \
+	'autobahn[accelerate,twisted]==0.10.9'
+
+.PHONY: help venv deps autobahn-env test test-fast test-js demo clean
+
+help:
+	@sed -n '3,11s/^# \{0,1\}//p' Makefile
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "tether needs Python >= 3.11, $(PYTHON) is " + sys.version.split()[0])'
+	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q --upgrade pip
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $@
+
+deps:
+	@missing=""
+	for cmd in chromium:chromium redis-server:redis-server golang-go:go; do
+	  command -v "$${cmd#*:}" >/dev/null || missing="$$missing $${cmd%%:*}"
+	done
+	for pkg in golang-golang-x-net-dev golang-github-gorilla-websocket-dev; do
+	  dpkg -s "$$pkg" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$$missing $$pkg"
+	done
+	if [ -z "$$missing" ]; then echo "deps: all present"; exit 0; fi
+	echo "deps: installing$$missing"
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(APT_PACKAGES)
+
+# wstest when a Python 2.7 can be had, else kosoku (a Python 3 wheel) in the main venv.
+# tests/conformance picks whichever exists, wstest first.
+autobahn-env: $(VENV_STAMP)
+	@if [ -x $(WSTEST)/bin/wstest ] && [ -f $(WSTEST)/.ok ]; then echo "autobahn-env: wstest ready"; exit 0; fi
+	py2=""
+	pyenv_py2="$$(pyenv root 2>/dev/null || echo "$$HOME/.pyenv")/versions/2.7.18/bin/python2.7"
+	if [ -x "$$pyenv_py2" ]; then py2="$$pyenv_py2"; else py2="$$(command -v python2.7 || true)"; fi
+	if [ -n "$$py2" ]; then
+	  echo "autobahn-env: building wstest with $$py2"
+	  rm -rf $(TOOLS)/venv-maker $(WSTEST)
+	  $(PYTHON) -m venv $(TOOLS)/venv-maker
+	  # virtualenv 20.21 is the last series that creates Python 2 environments.
+	  $(TOOLS)/venv-maker/bin/pip install --disable-pip-version-check -q 'virtualenv<20.22'
+	  if $(TOOLS)/venv-maker/bin/virtualenv -q -p "$$py2" $(WSTEST) \
+	     && $(WSTEST)/bin/pip install --disable-pip-version-check --no-python-version-warning -q $(WSTEST_PINS) \
+	     && $(WSTEST)/bin/wstest --help >/dev/null; then
+	    touch $(WSTEST)/.ok
+	    echo "autobahn-env: wstest ready"; exit 0
+	  fi
+	  echo "autobahn-env: building wstest with $$py2 FAILED (see the pip output above)" >&2
+	  rm -rf $(WSTEST)
+	else
+	  echo "autobahn-env: no Python 2.7 found: looked for $$pyenv_py2 and for python2.7 on PATH." >&2
+	  echo "  Autobahn's wstest needs Python 2.7 (Debian 12 has none; 'pyenv install 2.7.18' provides one)." >&2
+	fi
+	echo "autobahn-env: falling back to kosoku (PyPI, Rust) in $(VENV); conformance tests will use it" >&2
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q kosoku
+	$(VENV)/bin/kosoku --help >/dev/null
+
+# ---------------------------------------------------------------------------------------------
+# Tests. Node's runner goes first and pytest last: a run is judged by its last summary line.
+
+test: venv deps autobahn-env test-js
+	$(PYTEST)
+
+test-fast: venv test-js
+	$(PYTEST) -m "not slow"
+
+test-js:
+	@if [ -d tests/js ]; then node --test tests/js/; else echo "test-js: no tests/js, skipped"; fi
+
+# ---------------------------------------------------------------------------------------------
+# Demo
+
+demo: venv
+	$(VENV)/bin/python examples/hello/server.py
+
+# ---------------------------------------------------------------------------------------------
+# Benchmarks (owned by the benchmark engineer: `make bench` goes here)
+
+
+# ---------------------------------------------------------------------------------------------
+
+clean:
+	rm -rf $(VENV) $(TOOLS) reports build .pytest_cache .mypy_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -name '*.egg-info' -type d -prune -exec rm -rf {} +
