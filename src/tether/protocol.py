@@ -179,6 +179,11 @@ class Receiver:
         self._text: list[str] = []  # text decoded so far
         self._decoder: codecs.IncrementalDecoder | None = None
 
+    @property
+    def idle(self) -> bool:
+        """True between messages: a complete unfragmented text frame may skip this object."""
+        return self._state is _State.IDLE
+
     def receive_frame(self, opcode: int, fin: bool, rsv: bool, payload: bytes) -> Event:
         """Feed one received frame; ``rsv`` is True if any of RSV1..3 is set.
 

@@ -1,0 +1,51 @@
+"""tether: realtime messaging over WebSockets for asyncio.
+
+The public API is exactly ``__all__``; everything else is internal.
+"""
+
+from .client import connect
+from .codecs import JSON, Codec, Message
+from .conn import Conn, ConnState, Request
+from .errors import (
+    CloseConnection,
+    ConnectionClosed,
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    DecodeError,
+    InvalidHandshake,
+    KeepaliveTimeout,
+    ReplyError,
+    TetherError,
+)
+from .server import Handler, Server, run, serve
+from .stream import ByteStream
+
+__all__ = [
+    # Server and client
+    "serve",
+    "run",
+    "Server",
+    "Handler",
+    "connect",
+    # Connections
+    "Conn",
+    "ConnState",
+    "Request",
+    "ByteStream",
+    # Codecs
+    "Codec",
+    "JSON",
+    "Message",
+    # Errors
+    "TetherError",
+    "ConnectionClosed",
+    "ConnectionClosedOK",
+    "ConnectionClosedError",
+    "KeepaliveTimeout",
+    "InvalidHandshake",
+    "DecodeError",
+    "ReplyError",
+    "CloseConnection",
+]
+
+__version__ = "0.1.0"

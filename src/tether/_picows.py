@@ -1,0 +1,227 @@
+"""The picows transport: the only module that imports picows.
+
+picows parses and masks frames and answers pings; everything else RFC 6455 asks of an
+endpoint (fragments, UTF-8, reserved bits, message size, close handshake) is done by
+:mod:`tether.protocol` (pure) and :class:`tether.conn.Conn`. This module only translates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as ssl_module
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import parse_qsl, urlsplit
+
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+from picows import (
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+    ws_connect,
+    ws_create_server,
+)
+from picows import WSError as _PicowsError
+
+from .conn import Conn, Request
+from .errors import InvalidHandshake
+from .protocol import OP_BINARY, OP_CLOSE, OP_TEXT, CloseReceived, Fail, Receiver
+
+__all__ = ["HttpResponse", "TransportSettings", "create_server", "open_connection"]
+
+_MSG_TYPE = {OP_TEXT: WSMsgType.TEXT, OP_BINARY: WSMsgType.BINARY}
+_TEXT = WSMsgType.TEXT
+_CLOSE = WSMsgType.CLOSE
+_DATA_OR_CLOSE = (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.CLOSE)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    """A plain HTTP answer to a request that is not (or may not become) a WebSocket."""
+
+    status: int
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TransportSettings:
+    max_message_size: int | None = 1 << 20
+    max_queue: int = 32
+    close_timeout: float = 5.0
+    handshake_timeout: float | None = 5.0
+    # A small initial read buffer keeps idle connections cheap; picows grows it on demand.
+    read_buffer_size: int = 2048
+
+
+OnOpen = Callable[[Conn], None]
+Route = Callable[[Request], "HttpResponse | OnOpen"]
+
+
+class _Listener(WSListener):  # type: ignore[misc]
+    """Feeds picows frames to a :class:`Conn`; also the ``Wire`` that ``Conn`` writes to."""
+
+    def __init__(self, request: Request, on_open: OnOpen | None, settings: TransportSettings, *, is_client: bool) -> None:
+        self.request = request
+        self.conn: Conn | None = None
+        self._on_open = on_open
+        self._settings = settings
+        self._is_client = is_client
+        self._receiver = Receiver(settings.max_message_size)
+        self._max = settings.max_message_size or 1 << 62
+        self._transport: WSTransport | None = None
+        self._raw: asyncio.Transport | None = None
+
+    # -- picows callbacks ----------------------------------------------------------------
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self._transport = transport
+        self._raw = transport.underlying_transport
+        peer = self._raw.get_extra_info("peername")
+        self.request.remote_address = (peer[0], peer[1]) if peer else None
+        s = self._settings
+        self.conn = Conn(self, self.request, is_client=self._is_client, max_queue=s.max_queue, close_timeout=s.close_timeout)
+        if self._on_open is not None:
+            self._on_open(self.conn)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        conn = self.conn
+        assert conn is not None
+        msg_type = frame.msg_type
+        rsv = frame.rsv1 or frame.rsv2 or frame.rsv3
+        if msg_type is _TEXT and frame.fin and not rsv and self._receiver.idle:
+            # Fast path: a whole text message in one frame (the common case).
+            if frame.payload_size > self._max:
+                conn._on_fail(1009, "message too big")
+                return
+            try:
+                text = frame.get_payload_as_utf8_text()
+            except UnicodeDecodeError:
+                conn._on_fail(1007, "invalid UTF-8")
+                return
+            conn._on_data(text)
+            return
+        if msg_type not in _DATA_OR_CLOSE:
+            return  # ping (picows answered it) or pong
+        event = self._receiver.receive_frame(msg_type.value, frame.fin, rsv, frame.get_payload_as_bytes())
+        if event is None:
+            return
+        if isinstance(event, (str, bytes)):
+            conn._on_data(event)
+        elif isinstance(event, CloseReceived):
+            conn._on_close_frame(event.code, event.reason)
+        elif isinstance(event, Fail):
+            conn._on_fail(event.code, event.reason)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self.conn is not None:
+            self.conn._on_lost()
+
+    def pause_writing(self) -> None:
+        if self.conn is not None:
+            self.conn._on_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.conn is not None:
+            self.conn._on_resume_writing()
+
+    # -- Wire ----------------------------------------------------------------------------
+    def write(self, opcode: int, payload: bytes) -> None:
+        assert self._transport is not None
+        self._transport.send(_MSG_TYPE[opcode], payload)
+
+    def write_close(self, code: int, reason: str) -> None:
+        assert self._transport is not None
+        self._transport.send_close(code, reason.encode())
+
+    def pause_reading(self) -> None:
+        if self._raw is not None and not self._raw.is_closing():
+            self._raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._raw is not None and not self._raw.is_closing():
+            self._raw.resume_reading()
+
+    def disconnect(self) -> None:
+        if self._transport is not None:
+            self._transport.disconnect()
+
+
+def _request_from(path_and_query: str, headers: CIMultiDict[str]) -> Request:
+    path, _, qs = path_and_query.partition("?")
+    query = MultiDictProxy(MultiDict(parse_qsl(qs, keep_blank_values=True)))
+    return Request(path or "/", CIMultiDictProxy(headers), query, None)
+
+
+def _http(response: HttpResponse) -> WSUpgradeResponseWithListener:
+    headers = list(response.headers)
+    if response.status < 400:
+        resp = WSUpgradeResponse.create_ok_response(response.body, headers)
+    else:
+        resp = WSUpgradeResponse.create_error_response(response.status, response.body, headers)
+    return WSUpgradeResponseWithListener(resp, None)
+
+
+async def create_server(
+    route: Route,
+    host: str,
+    port: int,
+    settings: TransportSettings,
+    *,
+    ssl: ssl_module.SSLContext | None = None,
+    reuse_port: bool = False,
+) -> asyncio.Server:
+    """Listen on ``host:port``; ``route`` decides, per request, an HTTP answer or a Conn."""
+
+    def factory(upgrade: WSUpgradeRequest) -> _Listener | WSUpgradeResponseWithListener:
+        request = _request_from(upgrade.path.decode("latin-1"), upgrade.headers)
+        decision = route(request)
+        if isinstance(decision, HttpResponse):
+            return _http(decision)
+        return _Listener(request, decision, settings, is_client=False)
+
+    size = settings.max_message_size
+    return await ws_create_server(
+        factory,
+        host,
+        port,
+        websocket_handshake_timeout=settings.handshake_timeout,
+        max_frame_size=size if size is not None else 1 << 62,
+        read_buffer_init_size=settings.read_buffer_size,
+        logger_name="tether",
+        ssl=ssl,
+        reuse_port=reuse_port or None,
+    )
+
+
+async def open_connection(
+    url: str,
+    settings: TransportSettings,
+    *,
+    headers: list[tuple[str, str]] | None = None,
+    ssl: ssl_module.SSLContext | None = None,
+    open_timeout: float | None = 10.0,
+) -> Conn:
+    """Open a client connection to ``url`` and return its :class:`Conn`."""
+    request = _request_from(urlsplit(url).path or "/", CIMultiDict())
+    size = settings.max_message_size
+    try:
+        _, listener = await ws_connect(
+            lambda: _Listener(request, None, settings, is_client=True),
+            url,
+            ssl_context=ssl,
+            websocket_handshake_timeout=open_timeout,
+            max_frame_size=size if size is not None else 1 << 62,
+            extra_headers=headers,
+            read_buffer_init_size=settings.read_buffer_size,
+            logger_name="tether",
+        )
+    except (_PicowsError, asyncio.TimeoutError) as exc:
+        status = getattr(getattr(exc, "response", None), "status", 0)
+        raise InvalidHandshake(f"server refused the WebSocket upgrade: {exc}", int(status or 0)) from None
+    assert isinstance(listener, _Listener) and listener.conn is not None
+    return listener.conn
+

@@ -1,0 +1,66 @@
+"""The Python client: ``tether.connect(url)``.
+
+.. code-block:: python
+
+    async with tether.connect("ws://127.0.0.1:8000/socket") as conn:
+        await conn.send('{"message": "hello server!"}')
+        print(await conn.receive())
+
+It yields the same :class:`tether.Conn` the server's handlers get.
+"""
+
+from __future__ import annotations
+
+import ssl as ssl_module
+from typing import Any, Generator, Mapping
+
+from . import _picows
+from ._picows import TransportSettings
+from .conn import Conn
+
+__all__ = ["connect"]
+
+
+class connect:
+    """Open a WebSocket connection: ``await connect(url)`` or ``async with connect(url)``.
+
+    Settings: ``headers`` (extra handshake headers, e.g. ``Authorization``),
+    ``max_message_size`` (default 1 MiB, ``None`` for no limit), ``open_timeout`` (seconds
+    for TCP + handshake), ``close_timeout``, ``max_queue`` (messages buffered before the
+    client stops reading), ``ssl`` (an ``ssl.SSLContext`` for ``wss://``).
+    Raises :class:`tether.InvalidHandshake` if the server refuses the upgrade.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        max_message_size: int | None = 1 << 20,
+        max_queue: int = 32,
+        open_timeout: float | None = 10.0,
+        close_timeout: float = 5.0,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
+        self.url = url
+        self._headers = list(headers.items()) if headers else None
+        self._settings = TransportSettings(max_message_size=max_message_size, max_queue=max_queue, close_timeout=close_timeout)
+        self._open_timeout = open_timeout
+        self._ssl = ssl
+        self._conn: Conn | None = None
+
+    async def _open(self) -> Conn:
+        return await _picows.open_connection(
+            self.url, self._settings, headers=self._headers, ssl=self._ssl, open_timeout=self._open_timeout
+        )
+
+    def __await__(self) -> Generator[Any, None, Conn]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Conn:
+        self._conn = await self._open()
+        return self._conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._conn is not None
+        await self._conn.close()

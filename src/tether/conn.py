@@ -1,0 +1,308 @@
+"""``Conn``: one WebSocket connection, the same class on the server and in the client.
+
+``Conn`` knows nothing of picows or ASGI: it writes through a :class:`Wire` (the transport
+seam) and is driven by the transport adapter calling its ``_on_*`` methods. Every outgoing
+frame goes through :meth:`Conn._write`, the single write path, which checks the state and
+applies backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Protocol
+
+from .envelope import encode_message
+from .errors import ConnectionClosed, ConnectionClosedOK, closed_error
+from .protocol import OP_BINARY, OP_TEXT
+
+if TYPE_CHECKING:
+    from .stream import ByteStream
+
+__all__ = ["Conn", "ConnState", "Request", "Wire"]
+
+logger = logging.getLogger("tether")
+
+Message = str | bytes
+
+
+class ConnState(enum.Enum):
+    """Where a connection is in its life. Transitions happen only in :class:`Conn`."""
+
+    OPEN = 1
+    CLOSING = 2
+    CLOSED = 3
+
+
+class Wire(Protocol):
+    """The transport seam: what ``Conn`` needs from picows or ASGI."""
+
+    def write(self, opcode: int, payload: bytes) -> None: ...
+    def write_close(self, code: int, reason: str) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def disconnect(self) -> None: ...
+
+
+class Request:
+    """What the client asked for when it opened the connection."""
+
+    __slots__ = ("path", "headers", "query", "remote_address")
+
+    def __init__(
+        self,
+        path: str,
+        headers: Mapping[str, str],
+        query: Mapping[str, str],
+        remote_address: tuple[str, int] | None,
+    ) -> None:
+        self.path = path
+        self.headers = headers
+        self.query = query
+        self.remote_address = remote_address
+
+
+class Conn:
+    """A WebSocket connection.
+
+    Receive whole messages with ``await conn.receive()`` or ``async for message in conn``
+    (``str`` for text frames, ``bytes`` for binary ones); send with ``await conn.send(...)``.
+    Sends from several tasks at once are safe. ``send`` waits while the peer is not reading
+    (the socket's write buffer is full), so a slow reader cannot grow memory without bound.
+    """
+
+    def __init__(
+        self,
+        wire: Wire,
+        request: Request,
+        *,
+        is_client: bool = False,
+        max_queue: int = 32,
+        close_timeout: float = 5.0,
+    ) -> None:
+        self._wire = wire
+        self.request = request
+        self.is_client = is_client
+        self.state = ConnState.OPEN
+        #: Close code and reason, set once the connection is closed.
+        self.close_code: int | None = None
+        self.close_reason = ""
+        #: Per-connection data for the application (Phoenix calls these assigns).
+        self.assigns: dict[str, Any] = {}
+        #: Last measured round-trip time to the peer in seconds, or None.
+        self.latency: float | None = None
+        self._inbox: deque[Message] = deque()
+        self._max_queue = max_queue
+        self._receiver: asyncio.Future[None] | None = None
+        self._on_message: Callable[[Conn, Message], None] | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._close_timeout = close_timeout
+        self._sent_close = False
+
+    # -- request details ---------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self.request.path
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.request.headers
+
+    @property
+    def query(self) -> Mapping[str, str]:
+        return self.request.query
+
+    @property
+    def remote_address(self) -> tuple[str, int] | None:
+        return self.request.remote_address
+
+    def __repr__(self) -> str:
+        return f"<Conn {self.path} {self.state.name} {self.remote_address}>"
+
+    # -- receiving ---------------------------------------------------------------------
+    async def receive(self) -> Message:
+        """Wait for the next whole message.
+
+        Raises :class:`ConnectionClosed` (``ConnectionClosedOK`` after a normal close)
+        once the connection is closed and every message received before has been read.
+        """
+        while not self._inbox:
+            if self.state is ConnState.CLOSED:
+                raise self._closed_exception()
+            self._receiver = asyncio.get_running_loop().create_future()
+            try:
+                await self._receiver
+            finally:
+                self._receiver = None
+        message = self._inbox.popleft()
+        if self._read_paused and len(self._inbox) <= self._max_queue // 2:
+            self._update_reading()
+        return message
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        """Yield messages until the connection closes; ends quietly on a normal close."""
+        try:
+            while True:
+                yield await self.receive()
+        except ConnectionClosedOK:
+            return
+
+    def stream(self, *, text: bool = False) -> ByteStream:
+        """A byte-stream view of this connection, like ``ws.Read``/``ws.Write`` in Go."""
+        from .stream import ByteStream
+
+        return ByteStream(self, text=text)
+
+    # -- sending -----------------------------------------------------------------------
+    async def send(self, message: Message, *, text: bool | None = None) -> None:
+        """Send ``message``: ``str`` as a text frame, ``bytes`` as a binary frame.
+
+        ``text=True`` sends bytes that are already UTF-8 as a text frame (codecs use it to
+        avoid a decode/encode round trip). Raises :class:`ConnectionClosed` if the
+        connection is closing or closed. Waits while the transport's buffer is full.
+        """
+        if isinstance(message, str):
+            self._write(OP_TEXT, message.encode())
+        else:
+            self._write(OP_TEXT if text else OP_BINARY, bytes(message))
+        if self._write_paused:
+            await self.drain()
+
+    async def emit(self, type: str, data: Any = None) -> None:
+        """Send a typed message ``{"type": type, "data": data}`` (see docs/protocol.md).
+
+        ``data`` may be a msgspec Struct, a dataclass, a TypedDict or any JSON-able value.
+        """
+        self._write(OP_TEXT, encode_message(type, data))
+        if self._write_paused:
+            await self.drain()
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer has room again."""
+        while self._write_paused:
+            if self.state is ConnState.CLOSED:
+                raise self._closed_exception()
+            if self._drain is None:
+                self._drain = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._drain)
+
+    def _write(self, opcode: int, payload: bytes) -> None:
+        """The one write path: every data frame goes out here."""
+        if self.state is not ConnState.OPEN:
+            raise self._closed_exception()
+        self._wire.write(opcode, payload)
+
+    # -- closing -----------------------------------------------------------------------
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Run the closing handshake and wait until the connection is closed.
+
+        Idempotent. If the peer does not answer within ``close_timeout`` the TCP
+        connection is dropped.
+        """
+        self._start_close(code, reason)
+        await asyncio.shield(self._closed)
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed, by either side."""
+        await asyncio.shield(self._closed)
+
+    def _start_close(self, code: int, reason: str) -> None:
+        if self.state is not ConnState.OPEN:
+            return
+        self.state = ConnState.CLOSING
+        self.close_code, self.close_reason = code, reason
+        self._send_close(code, reason)
+        loop = asyncio.get_running_loop()
+        self._close_timer = loop.call_later(self._close_timeout, self._wire.disconnect)
+
+    def _send_close(self, code: int, reason: str) -> None:
+        if not self._sent_close:
+            self._sent_close = True
+            self._wire.write_close(code, reason)
+
+    def _closed_exception(self) -> ConnectionClosed:
+        if self.close_code is None:
+            return ConnectionClosedOK(1000, "") if self.state is ConnState.CLOSING else closed_error(1006, "")
+        return closed_error(self.close_code, self.close_reason)
+
+    # -- events from the transport adapter -----------------------------------------------
+    def _on_data(self, message: Message) -> None:
+        """A whole message arrived."""
+        if self.state is ConnState.CLOSED:
+            return
+        if self._on_message is not None:
+            self._on_message(self, message)
+            return
+        self._inbox.append(message)
+        if self._receiver is not None and not self._receiver.done():
+            self._receiver.set_result(None)
+        if len(self._inbox) >= self._max_queue and not self._read_paused:
+            self._update_reading()
+
+    def _on_close_frame(self, code: int, reason: str) -> None:
+        """The peer sent a close frame (RFC 6455 section 5.5.1)."""
+        if self.state is ConnState.OPEN:
+            self.state = ConnState.CLOSING
+            self.close_code, self.close_reason = code, reason
+            # Echo the code back; 1005 (no status) cannot be sent, answer with 1000.
+            self._send_close(1000 if code == 1005 else code, "")
+        else:
+            # We started the close: remember what the peer answered.
+            self.close_code, self.close_reason = code, reason
+        if self.is_client:
+            # The server closes TCP first [7.1.1]; drop it ourselves if it doesn't.
+            if self._close_timer is None:
+                loop = asyncio.get_running_loop()
+                self._close_timer = loop.call_later(self._close_timeout, self._wire.disconnect)
+        else:
+            self._wire.disconnect()
+
+    def _on_fail(self, code: int, reason: str) -> None:
+        """The peer broke the protocol: close with ``code`` and drop the connection."""
+        if self.state is ConnState.CLOSED:
+            return
+        self.state = ConnState.CLOSING
+        self.close_code, self.close_reason = code, reason
+        self._send_close(code, reason)
+        self._wire.disconnect()
+
+    def _on_lost(self) -> None:
+        """The TCP connection is gone."""
+        if self.state is ConnState.CLOSED:
+            return
+        if self.close_code is None:
+            self.close_code, self.close_reason = 1006, ""
+        self.state = ConnState.CLOSED
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        for fut in (self._receiver, self._drain):
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        self._closed.set_result(None)
+
+    def _on_pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def _on_resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+
+    def _update_reading(self) -> None:
+        """Stop reading while we cannot write or the inbox is full; the peer then slows."""
+        pause = self._write_paused or len(self._inbox) >= self._max_queue
+        if pause != self._read_paused and self.state is not ConnState.CLOSED:
+            self._read_paused = pause
+            (self._wire.pause_reading if pause else self._wire.resume_reading)()

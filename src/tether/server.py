@@ -1,0 +1,250 @@
+"""The standalone server: routes, static files, a health check, and ``serve``/``run``.
+
+.. code-block:: python
+
+    async def socket(conn: tether.Conn) -> None:
+        async for message in conn:
+            await conn.send(message)
+
+    tether.run({"/socket": socket}, host="127.0.0.1", port=8000, static_dir="static")
+
+A route's handler is any ``async def handler(conn)``; a :class:`tether.App` is one too.
+The same port answers plain HTTP GETs: ``/health``, the browser client at ``/tether.js``
+(and its ``/tether.d.ts``), and files under ``static_dir``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mimetypes
+import signal
+import ssl as ssl_module
+from importlib import resources
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Generator, Iterable, Mapping
+from urllib.parse import urlsplit
+
+from . import _picows
+from ._picows import HttpResponse, TransportSettings
+from .conn import Conn, Request
+from .errors import CloseConnection, ConnectionClosed
+
+__all__ = ["Server", "serve", "run", "Handler"]
+
+logger = logging.getLogger("tether")
+
+Handler = Callable[[Conn], Awaitable[None]]
+Routes = Mapping[str, Handler]
+
+_CLIENT_FILES = {"/tether.js": "tether.js", "/tether.d.ts": "tether.d.ts"}
+
+
+class Server:
+    """A running tether server. Use :func:`serve` to make one."""
+
+    def __init__(
+        self,
+        routes: Handler | Routes,
+        *,
+        static_dir: str | Path | None = None,
+        allowed_origins: Iterable[str] | None = None,
+        # Limits
+        max_message_size: int | None = 1 << 20,
+        max_queue: int = 32,
+        max_connections: int | None = None,
+        # Timeouts
+        handshake_timeout: float | None = 5.0,
+        close_timeout: float = 5.0,
+        shutdown_timeout: float = 10.0,
+    ) -> None:
+        self.routes: dict[str, Handler] = dict(routes) if isinstance(routes, Mapping) else {"/": routes}
+        self.static_dir = Path(static_dir).resolve() if static_dir is not None else None
+        self.allowed_origins = None if allowed_origins is None else frozenset(allowed_origins)
+        self.max_connections = max_connections
+        self.shutdown_timeout = shutdown_timeout
+        self.settings = TransportSettings(
+            max_message_size=max_message_size,
+            max_queue=max_queue,
+            close_timeout=close_timeout,
+            handshake_timeout=handshake_timeout,
+        )
+        #: Open connections.
+        self.connections: set[Conn] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self, host: str = "127.0.0.1", port: int = 8000, *, ssl: ssl_module.SSLContext | None = None, reuse_port: bool = False) -> None:
+        """Start listening. ``port=0`` picks a free port: read it from :attr:`port`."""
+        self._server = await _picows.create_server(self._route, host, port, self.settings, ssl=ssl, reuse_port=reuse_port)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "server not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None, "server not started"
+        await self._server.serve_forever()
+
+    async def close(self, code: int = 1001, reason: str = "going away") -> None:
+        """Stop accepting, close every connection with ``code`` and wait (bounded) for them."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn._start_close(code, reason)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.shutdown_timeout)
+        for conn in list(self.connections):
+            conn._wire.disconnect()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- routing -----------------------------------------------------------------------
+    def _route(self, request: Request) -> HttpResponse | Callable[[Conn], None]:
+        handler = self.routes.get(request.path)
+        if handler is None:
+            return self._http_get(request.path)
+        refusal = self._check_upgrade(request)
+        if refusal is not None:
+            return refusal
+        return lambda conn: self._open(handler, conn)
+
+    def _check_upgrade(self, request: Request) -> HttpResponse | None:
+        headers = request.headers
+        if "websocket" not in headers.get("Upgrade", "").lower():
+            return HttpResponse(426, b"426 Upgrade Required: this path is a WebSocket endpoint\n", (("Upgrade", "websocket"),))
+        if headers.get("Sec-WebSocket-Version") != "13":
+            # RFC 6455 section 4.2.2: tell the client which version we speak.
+            return HttpResponse(426, b"426 Upgrade Required: WebSocket version 13 only\n", (("Sec-WebSocket-Version", "13"),))
+        if not self._origin_allowed(headers):
+            return HttpResponse(403, b"403 Forbidden: origin not allowed\n")
+        if self.max_connections is not None and len(self.connections) >= self.max_connections:
+            return HttpResponse(503, b"503 Service Unavailable: too many connections\n", (("Retry-After", "1"),))
+        return None
+
+    def _origin_allowed(self, headers: Mapping[str, str]) -> bool:
+        """Same-origin by default (RFC 6455 section 10.2); clients that send no Origin pass."""
+        origin = headers.get("Origin")
+        if origin is None:
+            return True
+        if self.allowed_origins is not None:
+            return "*" in self.allowed_origins or origin in self.allowed_origins
+        return urlsplit(origin).netloc.lower() == headers.get("Host", "").lower()
+
+    def _http_get(self, path: str) -> HttpResponse:
+        if path == "/health":
+            return HttpResponse(200, b"ok\n")
+        if path in _CLIENT_FILES:
+            body = resources.files("tether").joinpath("static", _CLIENT_FILES[path]).read_bytes()
+            return _file_response(_CLIENT_FILES[path], body)
+        if self.static_dir is not None:
+            target = (self.static_dir / path.lstrip("/")).resolve()
+            if target.is_dir():
+                target = target / "index.html"
+            if target.is_relative_to(self.static_dir) and target.is_file():
+                return _file_response(target.name, target.read_bytes())
+        return HttpResponse(404, b"404 Not Found\n")
+
+    # -- connections -------------------------------------------------------------------
+    def _open(self, handler: Handler, conn: Conn) -> None:
+        self.connections.add(conn)
+        task = asyncio.get_running_loop().create_task(self._run(handler, conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, handler: Handler, conn: Conn) -> None:
+        try:
+            await handler(conn)
+        except ConnectionClosed:
+            pass
+        except CloseConnection as exc:
+            conn._start_close(exc.code, exc.reason)
+        except Exception:
+            logger.exception("handler for %s failed; closing with 1011", conn.path)
+            conn._start_close(1011, "internal error")
+        else:
+            conn._start_close(1000, "")
+        try:
+            await conn.wait_closed()
+        finally:
+            self.connections.discard(conn)
+
+
+def _file_response(name: str, body: bytes) -> HttpResponse:
+    ctype = {".js": "text/javascript", ".ts": "text/plain"}.get(Path(name).suffix) or mimetypes.guess_type(name)[0]
+    ctype = ctype or "application/octet-stream"
+    if ctype.startswith("text/") or ctype.endswith("javascript"):
+        ctype += "; charset=utf-8"
+    return HttpResponse(200, body, (("Content-Type", ctype), ("Cache-Control", "no-cache")))
+
+
+class _Serve:
+    """``await serve(...)`` or ``async with serve(...) as server``."""
+
+    def __init__(self, server: Server, host: str, port: int, kwargs: dict[str, Any]) -> None:
+        self.server, self._args = server, (host, port, kwargs)
+
+    def __await__(self) -> Generator[Any, None, Server]:
+        return self._start().__await__()
+
+    async def _start(self) -> Server:
+        host, port, kwargs = self._args
+        await self.server.start(host, port, **kwargs)
+        return self.server
+
+    async def __aenter__(self) -> Server:
+        return await self._start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.close()
+
+
+def serve(
+    routes: Handler | Routes,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    ssl: ssl_module.SSLContext | None = None,
+    reuse_port: bool = False,
+    **settings: Any,
+) -> _Serve:
+    """Start a server; see :class:`Server` for the settings.
+
+    ``routes`` maps paths to handlers (``{"/socket": socket}``); a single handler is
+    mounted at ``/``.
+    """
+    return _Serve(Server(routes, **settings), host, port, {"ssl": ssl, "reuse_port": reuse_port})
+
+
+def run(routes: Handler | Routes, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully. Uses uvloop when installed."""
+
+    async def main() -> None:
+        async with serve(routes, host, port, **kwargs) as server:
+            logger.info("tether serving on http://%s:%d", host, server.port)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            logger.info("shutting down")
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(main())
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
