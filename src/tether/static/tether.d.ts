@@ -1,0 +1,200 @@
+/**
+ * Types for tether.js, the browser client of tether. Describe your app's messages once:
+ *
+ *     interface Chat extends Schema {
+ *       receive: { chat: { text: string; from: string } };          // server -> client
+ *       send: { chat: { text: string } };                           // client -> server
+ *       request: { add: { data: { a: number; b: number }; reply: number } };
+ *     }
+ *     const client = connect<Chat>("wss://example.com/ws");
+ *     client.on("chat", (data) => data.from);        // typed
+ *     const sum: number = await client.request("add", { a: 1, b: 2 });
+ */
+
+/** The message map a client is generic over. */
+export interface Schema {
+  /** Messages the server sends, by type: the type of their `data`. */
+  receive: Record<string, unknown>;
+  /** One-way messages the client sends, by type. */
+  send: Record<string, unknown>;
+  /** Requests the client makes, by type: their `data` and the reply's `data`. */
+  request: Record<string, { data: unknown; reply: unknown }>;
+}
+
+/** The default, untyped schema. */
+export interface AnySchema extends Schema {
+  receive: Record<string, any>;
+  send: Record<string, any>;
+  request: Record<string, { data: any; reply: any }>;
+}
+
+/** Query parameters added to the URL of each connection attempt. */
+export type Params = Record<string, string | number | boolean | null | undefined>;
+
+export interface BackoffOptions {
+  /** Seconds; the first retry waits up to this long. Default 0.5. */
+  base?: number;
+  /** Growth per attempt, >= 1. Default 2. */
+  factor?: number;
+  /** Seconds; upper bound of any delay. Default 30. */
+  cap?: number;
+  /** Seconds a connection must stay up before the attempt counter resets. Default 10. */
+  stableAfter?: number;
+}
+
+/** The subset of the WebSocket class the client uses (injectable for tests). */
+export interface WebSocketLike {
+  readonly readyState: number;
+  onopen: ((event: unknown) => void) | null;
+  onmessage: ((event: { data: unknown }) => void) | null;
+  onerror: ((event: unknown) => void) | null;
+  onclose: ((event: { code: number; reason: string }) => void) | null;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+}
+
+export interface ConnectOptions {
+  /**
+   * Query parameters, or a function computing them, called again before EVERY (re)connect
+   * (e.g. a fresh token after a 4002 close). It may return a Promise. Default `{}`.
+   */
+  params?: Params | (() => Params | Promise<Params>);
+  /**
+   * Messages (and requests) kept while not connected, flushed in order on (re)connect.
+   * When full, the OLDEST is dropped, a dropped request rejects with "OutboxOverflow", and an
+   * "outboxoverflow" event fires. 0 = never queue. Default 100.
+   */
+  outboxSize?: number;
+  /** Default request timeout in ms; null = none. Default 10000. */
+  requestTimeout?: number | null;
+  /** Reconnect schedule (full jitter, same as tether.backoff). */
+  backoff?: BackoffOptions;
+  /** Reconnect at once (skipping backoff) on `visibilitychange` to visible and on `online`. Default true. */
+  reconnectOnWake?: boolean;
+  /** WebSocket class to use. Default `globalThis.WebSocket`. */
+  WebSocket?: new (url: string) => WebSocketLike;
+}
+
+export type ClientState = "connecting" | "open" | "reconnecting" | "closed";
+
+/** An envelope as queued in the outbox. */
+export interface OutboundMessage {
+  type: string;
+  data: unknown;
+  id?: number;
+}
+
+export interface CloseDetail {
+  /** Close code; 1006 for a lost connection (including a keepalive timeout); null if no socket could be created. */
+  code: number | null;
+  reason: string;
+  /** False when the client is now "closed" for good. */
+  willReconnect: boolean;
+}
+
+export interface TetherEventMap {
+  /** A connection opened (every time). */
+  open: CustomEvent<undefined>;
+  /** A connection other than the first opened. */
+  reconnected: CustomEvent<undefined>;
+  /** A socket closed, or the client became closed. */
+  close: CustomEvent<CloseDetail>;
+  /** A retry is scheduled: `attempt` counts from 1, `delay` in ms. */
+  reconnecting: CustomEvent<{ attempt: number; delay: number }>;
+  /** A socket error, a failed `params()`, or an error reply matching no request (a ReplyError). */
+  error: CustomEvent<Error>;
+  /** The outbox was full: its oldest message was dropped. */
+  outboxoverflow: CustomEvent<{ message: OutboundMessage }>;
+}
+
+/** An `error` reply: `code` as listed in docs/protocol.md; `path` names the invalid field. */
+export class ReplyError extends Error {
+  constructor(code: string, message: string, path?: string | null);
+  readonly name: "ReplyError";
+  readonly code: string;
+  readonly path: string | null;
+}
+
+export interface RequestOptions {
+  /** ms; null = none. Default: the client's `requestTimeout`. */
+  timeout?: number | null;
+}
+
+export class TetherClient<S extends Schema = AnySchema> extends EventTarget {
+  constructor(url: string | URL, options?: ConnectOptions);
+  /** "connecting" (first connection) | "open" | "reconnecting" | "closed". */
+  readonly state: ClientState;
+  /** Last measured heartbeat round trip in ms, or null. */
+  readonly latency: number | null;
+  /** Handle every server message of `type`; returns an unsubscribe function. */
+  on<K extends keyof S["receive"] & string>(type: K, handler: (data: S["receive"][K]) => void): () => void;
+  /** Send a one-way message (queued in the outbox while not open). Throws "ClientClosed" when closed. */
+  send<K extends keyof S["send"] & string>(type: K, data: S["send"][K]): void;
+  /**
+   * Resolve with the reply's data. Rejects with a ReplyError, or an Error named "TimeoutError",
+   * "ConnectionLost", "OutboxOverflow" or "ClientClosed".
+   */
+  request<K extends keyof S["request"] & string>(
+    type: K,
+    data: S["request"][K]["data"],
+    options?: RequestOptions,
+  ): Promise<S["request"][K]["reply"]>;
+  /** Reconnect now if a retry is waiting (a server's retry_after still applies). */
+  wake(): void;
+  /** Close deliberately; never reconnects. */
+  close(): void;
+
+  addEventListener<K extends keyof TetherEventMap>(
+    type: K,
+    listener: (event: TetherEventMap[K]) => void,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+  addEventListener(
+    type: string,
+    listener: EventListenerOrEventListenerObject | null,
+    options?: boolean | AddEventListenerOptions,
+  ): void;
+  removeEventListener<K extends keyof TetherEventMap>(
+    type: K,
+    listener: (event: TetherEventMap[K]) => void,
+    options?: boolean | EventListenerOptions,
+  ): void;
+  removeEventListener(
+    type: string,
+    listener: EventListenerOrEventListenerObject | null,
+    options?: boolean | EventListenerOptions,
+  ): void;
+}
+
+/** Open a reconnecting connection; `url` may be ws(s):, http(s): or relative to the page. */
+export function connect<S extends Schema = AnySchema>(url: string | URL, options?: ConnectOptions): TetherClient<S>;
+
+// Pure functions shared with tether.backoff / tether.keepalive (seconds).
+
+export function backoffDelay(
+  attempt: number,
+  rand: number,
+  options?: { base?: number; factor?: number; cap?: number },
+): number;
+export function shouldReconnect(code: number | null, deliberate: boolean): boolean;
+export function retryAfter(code: number | null, reason: string): number | null;
+export class Backoff {
+  constructor(options?: BackoffOptions);
+  attempt: number;
+  readonly base: number;
+  readonly factor: number;
+  readonly cap: number;
+  readonly stableAfter: number;
+  nextDelay(rand: number): number;
+  connected(now: number): void;
+  maybeReset(now: number): boolean;
+}
+export function liveness(
+  now: number,
+  lastReceived: number,
+  lastCheck: number,
+  interval: number | null,
+  timeout: number | null,
+  options?: { lateSlack?: number },
+): "ok" | "probe" | "dead";
+export function heartbeatDue(now: number, lastSent: number, interval: number | null): boolean;

@@ -1,0 +1,470 @@
+/**
+ * tether browser client: one ES module, no dependencies, no build step.
+ *
+ *     import { connect } from "/tether.js";
+ *     const client = connect("wss://example.com/ws", { params: () => ({ token }) });
+ *     client.on("chat", (data) => render(data));
+ *     client.send("chat", { text: "hi" });
+ *     const sum = await client.request("add", { a: 1, b: 2 });
+ *
+ * Wire protocol: docs/protocol.md. The reconnect schedule and the heartbeat
+ * decisions are line-by-line ports of tether/backoff.py and tether/keepalive.py,
+ * checked against the same vectors (tests/vectors/*.json). Like there, times in
+ * those functions are seconds; the client's own options (requestTimeout) are ms.
+ *
+ * @module tether
+ */
+
+// ---- Reconnect schedule: port of tether/backoff.py ----------------------------
+
+/** Close codes after which reconnecting cannot help: rate limited, auth rejected, forbidden. */
+const NO_RECONNECT_CODES = new Set([1008, 4001, 4003]);
+const SECONDS = /^[0-9]+(?:\.[0-9]+)?$/;
+
+/**
+ * Delay in seconds before retry number `attempt` (0 = first retry), "full jitter":
+ * `rand * min(cap, base * factor ** attempt)`, `rand` uniform in [0, 1).
+ * @throws {RangeError} on attempt < 0, rand outside [0, 1), base <= 0, factor < 1 or cap <= 0.
+ */
+export function backoffDelay(attempt, rand, { base = 0.5, factor = 2, cap = 30 } = {}) {
+  if (!(attempt >= 0)) throw new RangeError(`attempt must be >= 0, got ${attempt}`);
+  if (!(rand >= 0 && rand < 1)) throw new RangeError(`rand must be in [0, 1), got ${rand}`);
+  if (!(base > 0 && factor >= 1 && cap > 0)) throw new RangeError("need base > 0, factor >= 1 and cap > 0");
+  return rand * ceiling(attempt, base, factor, cap);
+}
+
+function ceiling(attempt, base, factor, cap) {
+  // Past the exponent where base * factor**x == cap the result is cap anyway
+  // (and Python's float pow would overflow).
+  if (factor > 1 && attempt > Math.log(cap / base) / Math.log(factor)) return cap;
+  return Math.min(cap, base * factor ** attempt);
+}
+
+/**
+ * Whether to reconnect after a close with `code` (null: lost without a close frame).
+ * Never after a `deliberate` client close, nor after 1008, 4001 or 4003.
+ */
+export function shouldReconnect(code, deliberate) {
+  if (deliberate) return false;
+  return !NO_RECONNECT_CODES.has(code);
+}
+
+/** Seconds from a 1001 reason such as `"going away; retry_after=5"`, else null. */
+export function retryAfter(code, reason) {
+  if (code !== 1001) return null;
+  for (const item of String(reason).split(";")) {
+    const text = item.trim();
+    const eq = text.indexOf("=");
+    if (eq >= 0 && text.slice(0, eq) === "retry_after" && SECONDS.test(text.slice(eq + 1))) {
+      return Number(text.slice(eq + 1));
+    }
+  }
+  return null;
+}
+
+/** Attempt counter for {@link backoffDelay}; resets only after a connection stayed up `stableAfter` s. */
+export class Backoff {
+  #connectedAt = null;
+
+  constructor({ base = 0.5, factor = 2, cap = 30, stableAfter = 10 } = {}) {
+    Object.assign(this, { base, factor, cap, stableAfter, attempt: 0 });
+  }
+
+  /** Delay in seconds before the next retry; counts the attempt. */
+  nextDelay(rand) {
+    const delay = backoffDelay(this.attempt, rand, this);
+    this.attempt += 1;
+    this.#connectedAt = null; // retrying: whatever connection we had is gone
+    return delay;
+  }
+
+  /** Record that a connection opened at `now` (seconds). */
+  connected(now) {
+    this.#connectedAt = now;
+  }
+
+  /** Reset the counter if connected for `stableAfter` seconds; returns whether it did. */
+  maybeReset(now) {
+    if (this.#connectedAt === null || now - this.#connectedAt < this.stableAfter) return false;
+    this.attempt = 0;
+    return true;
+  }
+}
+
+// ---- Heartbeat decisions: port of tether/keepalive.py -------------------------
+
+/**
+ * Decide from a check timer running every `interval` seconds whether the server is alive:
+ * "ok" if something arrived within interval + timeout (or heartbeats are off);
+ * "probe" if not, but this check ran late (suspended/throttled tab): send a heartbeat and
+ * give the server a fresh timeout window; "dead" otherwise.
+ * @returns {"ok" | "probe" | "dead"}
+ */
+export function liveness(now, lastReceived, lastCheck, interval, timeout, { lateSlack = 1 } = {}) {
+  if (interval == null || timeout == null) return "ok";
+  if (now - lastReceived <= interval + timeout) return "ok";
+  if (now - lastCheck > interval + lateSlack) return "probe";
+  return "dead";
+}
+
+/** Whether nothing was sent for `interval` seconds (null: heartbeats off). */
+export function heartbeatDue(now, lastSent, interval) {
+  if (interval == null) return false;
+  return now - lastSent >= interval;
+}
+
+// ---- Client --------------------------------------------------------------------
+
+const OPEN = 1; // WebSocket.OPEN
+const MAX_PROBES = 16; // outstanding latency probes remembered per connection
+
+/** An `error` reply from the server: `code` as in docs/protocol.md, `path` for invalid_data. */
+export class ReplyError extends Error {
+  constructor(code, message, path) {
+    super(message);
+    this.name = "ReplyError";
+    this.code = code;
+    this.path = path ?? null;
+  }
+}
+
+function namedError(name, message) {
+  const error = new Error(message);
+  error.name = name;
+  return error;
+}
+
+function reportError(error) {
+  if (globalThis.reportError) globalThis.reportError(error);
+  else queueMicrotask(() => { throw error; });
+}
+
+/**
+ * A reconnecting connection to a tether typed app. Create it with {@link connect}.
+ *
+ * Events (all `CustomEvent`s, details in tether.d.ts): "open" on every connection,
+ * "reconnected" on every one after the first, "close" when a socket closes and once
+ * when the client itself becomes closed (`detail.willReconnect` tells which),
+ * "reconnecting" when a retry is scheduled, "error" for socket errors and error replies
+ * that match no request, "outboxoverflow" when the outbox drops its oldest message.
+ */
+export class TetherClient extends EventTarget {
+  #url; #params; #WebSocket; #outboxSize; #requestTimeout; #backoff;
+  #ws = null;
+  #state = "connecting";
+  #everOpened = false;
+  #outbox = []; // envelopes waiting for an open socket, oldest first
+  #handlers = new Map(); // type -> Set of handlers
+  #pending = new Map(); // request id -> { resolve, reject, timer, written }
+  #nextId = 1;
+  #reconnectTimer = null;
+  #notBefore = 0; // ms timestamp before which a 1001 retry_after forbids reconnecting
+  #heartbeat = { interval: null, timeout: null }; // seconds, from the welcome message
+  #checkTimer = null;
+  #lastReceived = 0;
+  #lastCheck = 0;
+  #probes = new Set(); // `t` of our own heartbeats not yet echoed
+  #latency = null;
+  #wakeListeners = [];
+
+  /** @param {string | URL} url @param {import("./tether.d.ts").ConnectOptions} [options] */
+  constructor(url, options = {}) {
+    super();
+    const { params = {}, outboxSize = 100, requestTimeout = 10000, backoff = {} } = options;
+    if (!(Number.isInteger(outboxSize) && outboxSize >= 0)) throw new RangeError("outboxSize must be an integer >= 0");
+    this.#url = new URL(url, globalThis.location?.href); // throws now on a bad URL, not on every retry
+    this.#params = typeof params === "function" ? params : () => params;
+    this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this.#outboxSize = outboxSize;
+    this.#requestTimeout = requestTimeout;
+    this.#backoff = new Backoff(backoff);
+    if (options.reconnectOnWake ?? true) this.#listenForWake();
+    this.#open();
+  }
+
+  /** "connecting" (first connection) | "open" | "reconnecting" | "closed". */
+  get state() { return this.#state; }
+
+  /** Last measured heartbeat round trip in ms, or null. */
+  get latency() { return this.#latency; }
+
+  /** Call `handler(data)` for every server message of `type`; returns an unsubscribe function. */
+  on(type, handler) {
+    if (!this.#handlers.has(type)) this.#handlers.set(type, new Set());
+    const handlers = this.#handlers.get(type);
+    handlers.add(handler);
+    return () => { handlers.delete(handler); };
+  }
+
+  /**
+   * Send a one-way message. While not open it waits in the outbox (bounded by `outboxSize`,
+   * flushed in order on reconnect; when full, the oldest is dropped and "outboxoverflow" fires).
+   * @throws {Error} named "ClientClosed" after close() or a final close from the server.
+   */
+  send(type, data) {
+    this.#checkNotClosed();
+    this.#enqueue({ type, data });
+  }
+
+  /**
+   * Send a request and resolve with the reply's data. Rejects with a {@link ReplyError} on an
+   * error reply, an Error named "TimeoutError" after `timeout` ms (null: never), "ConnectionLost"
+   * if the socket it was written to dropped, "OutboxOverflow" if dropped from a full outbox,
+   * "ClientClosed" if the client closed first.
+   */
+  request(type, data, { timeout = this.#requestTimeout } = {}) {
+    return new Promise((resolve, reject) => {
+      this.#checkNotClosed();
+      const id = this.#nextId++;
+      const timer = timeout == null ? null : setTimeout(() => {
+        this.#outbox = this.#outbox.filter((message) => message.id !== id); // don't send it late
+        this.#settle(id, namedError("TimeoutError", `request "${type}" timed out after ${timeout} ms`));
+      }, timeout);
+      this.#pending.set(id, { resolve, reject, timer, written: false });
+      this.#enqueue({ type, data, id });
+    });
+  }
+
+  /** Reconnect now if a retry is waiting (skips the backoff, not a server's retry_after). */
+  wake() {
+    if (this.#state !== "reconnecting" || this.#reconnectTimer === null) return;
+    clearTimeout(this.#reconnectTimer);
+    this.#reconnectTimer = null;
+    const wait = this.#notBefore - Date.now();
+    if (wait > 0) this.#reconnectTimer = setTimeout(() => this.#retry(), wait);
+    else this.#retry();
+  }
+
+  /** Close deliberately: never reconnects; pending requests and the outbox are dropped. */
+  close() {
+    if (this.#state === "closed") return;
+    this.#drop(1000, "");
+    this.#finish(1000, "");
+  }
+
+  // -- connecting
+
+  #open() {
+    let params;
+    try {
+      params = this.#params();
+    } catch (error) {
+      return this.#failOpen(error);
+    }
+    if (typeof params?.then === "function") params.then((p) => this.#dial(p), (e) => this.#failOpen(e));
+    else this.#dial(params);
+  }
+
+  #dial(params) {
+    if (this.#state === "closed") return;
+    const url = new URL(this.#url);
+    if (url.protocol === "http:" || url.protocol === "https:") url.protocol = url.protocol === "http:" ? "ws:" : "wss:";
+    for (const [key, value] of Object.entries(params ?? {})) {
+      if (value != null) url.searchParams.set(key, String(value));
+    }
+    let ws;
+    try {
+      ws = new this.#WebSocket(url.href);
+    } catch (error) {
+      return this.#failOpen(error);
+    }
+    this.#ws = ws;
+    ws.onopen = () => this.#onOpen();
+    ws.onmessage = (event) => this.#onMessage(event.data);
+    ws.onerror = () => this.#emit("error", namedError("SocketError", "WebSocket error"));
+    ws.onclose = (event) => { this.#ws = null; this.#onClose(event.code, event.reason); };
+  }
+
+  #failOpen(error) {
+    this.#emit("error", error);
+    this.#onClose(null, "");
+  }
+
+  #onOpen() {
+    const reconnected = this.#everOpened;
+    this.#everOpened = true;
+    this.#state = "open";
+    this.#backoff.connected(Date.now() / 1000);
+    this.#lastReceived = this.#lastCheck = Date.now();
+    while (this.#outbox.length > 0 && this.#isOpen()) this.#write(this.#outbox.shift());
+    this.#emit("open");
+    if (reconnected) this.#emit("reconnected");
+  }
+
+  #onClose(code, reason) {
+    clearTimeout(this.#checkTimer);
+    this.#probes.clear();
+    for (const [id, entry] of this.#pending) {
+      if (entry.written) this.#settle(id, namedError("ConnectionLost", "connection lost before the reply"));
+    }
+    if (this.#state === "closed") return;
+    this.#backoff.maybeReset(Date.now() / 1000);
+    if (!shouldReconnect(code, false)) return this.#finish(code, reason);
+    const notBefore = (retryAfter(code, reason) ?? 0) * 1000;
+    const delay = notBefore + this.#backoff.nextDelay(Math.random()) * 1000;
+    this.#state = "reconnecting";
+    this.#notBefore = Date.now() + notBefore;
+    this.#reconnectTimer = setTimeout(() => this.#retry(), delay);
+    this.#emit("close", { code, reason, willReconnect: true });
+    if (this.#state === "reconnecting") this.#emit("reconnecting", { attempt: this.#backoff.attempt, delay });
+  }
+
+  #retry() {
+    this.#reconnectTimer = null;
+    this.#open();
+  }
+
+  /** Become closed for good: no timers, no listeners, every pending request rejected. */
+  #finish(code, reason) {
+    this.#state = "closed";
+    clearTimeout(this.#reconnectTimer);
+    clearTimeout(this.#checkTimer);
+    for (const [target, name, listener] of this.#wakeListeners) target.removeEventListener(name, listener);
+    this.#outbox = [];
+    for (const id of [...this.#pending.keys()]) this.#settle(id, namedError("ClientClosed", "client closed"));
+    this.#emit("close", { code, reason, willReconnect: false });
+  }
+
+  /** Detach from the current socket and close it without waiting for its close handshake. */
+  #drop(code, reason) {
+    const ws = this.#ws;
+    this.#ws = null;
+    if (ws === null) return;
+    ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+    try { ws.close(code, reason); } catch { /* already closing */ }
+  }
+
+  #listenForWake() {
+    const doc = globalThis.document;
+    const onVisible = () => { if (doc.visibilityState === "visible") this.wake(); };
+    const onOnline = () => this.wake();
+    if (doc?.addEventListener) this.#wakeListeners.push([doc, "visibilitychange", onVisible]);
+    if (globalThis.addEventListener) this.#wakeListeners.push([globalThis, "online", onOnline]);
+    for (const [target, name, listener] of this.#wakeListeners) target.addEventListener(name, listener);
+  }
+
+  // -- sending
+
+  #checkNotClosed() {
+    if (this.#state === "closed") throw namedError("ClientClosed", "client closed");
+  }
+
+  #isOpen() {
+    return this.#state === "open" && this.#ws?.readyState === OPEN;
+  }
+
+  #enqueue(message) {
+    if (this.#isOpen()) return this.#write(message);
+    this.#outbox.push(message);
+    if (this.#outbox.length <= this.#outboxSize) return;
+    const dropped = this.#outbox.shift();
+    if (dropped.id !== undefined) this.#settle(dropped.id, namedError("OutboxOverflow", "dropped from a full outbox"));
+    this.#emit("outboxoverflow", { message: dropped });
+  }
+
+  /** The one place that writes to the socket. */
+  #write(message) {
+    this.#ws.send(JSON.stringify(message));
+    const entry = this.#pending.get(message.id);
+    if (entry) entry.written = true;
+  }
+
+  #settle(id, error, data) {
+    const entry = this.#pending.get(id);
+    if (!entry) return;
+    this.#pending.delete(id);
+    clearTimeout(entry.timer);
+    if (error) entry.reject(error);
+    else entry.resolve(data);
+  }
+
+  // -- receiving
+
+  #onMessage(raw) {
+    this.#lastReceived = Date.now();
+    let message;
+    try {
+      message = JSON.parse(raw);
+    } catch {
+      return; // not JSON (or binary): nothing a typed app sends
+    }
+    if (message === null || typeof message !== "object" || typeof message.type !== "string") return;
+    const data = message.data ?? null;
+    switch (message.type) {
+      case "welcome": return this.#onWelcome(data);
+      case "reply": return this.#settle(message.id, null, data);
+      case "error": return this.#onError(message.id, data ?? {});
+      case "heartbeat": return this.#onHeartbeat(data);
+    }
+    for (const handler of [...(this.#handlers.get(message.type) ?? [])]) {
+      try { handler(data); } catch (error) { reportError(error); }
+    }
+  }
+
+  #onError(id, { code, message, path }) {
+    const error = new ReplyError(code, message, path);
+    if (id != null && this.#pending.has(id)) this.#settle(id, error);
+    else this.#emit("error", error);
+  }
+
+  #onWelcome(data) {
+    const { interval = null, timeout = null } = data?.heartbeat ?? {};
+    this.#heartbeat = { interval, timeout };
+    this.#lastCheck = Date.now();
+    this.#scheduleCheck();
+    if (interval != null) this.#probe();
+  }
+
+  #onHeartbeat(data) {
+    if (this.#probes.delete(data?.t)) {
+      this.#latency = Date.now() - data.t; // the echo of one of our probes
+    } else if (this.#isOpen()) {
+      this.#write({ type: "heartbeat", data }); // the server's: answer with the same data
+    }
+  }
+
+  // -- heartbeat: a check every `interval` seconds, and our own probes for latency
+
+  #scheduleCheck() {
+    clearTimeout(this.#checkTimer);
+    const { interval } = this.#heartbeat;
+    if (interval != null) this.#checkTimer = setTimeout(() => this.#check(), interval * 1000);
+  }
+
+  #check() {
+    const now = Date.now();
+    const { interval, timeout } = this.#heartbeat;
+    const verdict = liveness(now / 1000, this.#lastReceived / 1000, this.#lastCheck / 1000, interval, timeout);
+    this.#lastCheck = now;
+    if (verdict === "dead") {
+      this.#drop(1000, "keepalive timeout");
+      return this.#onClose(1006, "keepalive timeout");
+    }
+    if (verdict === "probe") this.#lastReceived = now - interval * 1000; // a fresh `timeout` window
+    this.#probe();
+    this.#scheduleCheck();
+  }
+
+  #probe() {
+    if (!this.#isOpen()) return;
+    const t = Date.now();
+    this.#probes.add(t);
+    if (this.#probes.size > MAX_PROBES) this.#probes.delete(this.#probes.values().next().value);
+    this.#write({ type: "heartbeat", data: { t } });
+  }
+
+  #emit(name, detail) {
+    this.dispatchEvent(new CustomEvent(name, { detail }));
+  }
+}
+
+/**
+ * Open a reconnecting connection to a tether typed app at `url` (ws:, wss:, or http(s):/relative,
+ * which map to ws(s):). See tether.d.ts for the options and their defaults.
+ * @param {string | URL} url
+ * @param {import("./tether.d.ts").ConnectOptions} [options]
+ * @returns {TetherClient}
+ */
+export function connect(url, options) {
+  return new TetherClient(url, options);
+}
