@@ -3,6 +3,7 @@
 The public API is exactly ``__all__``; everything else is internal.
 """
 
+from .app import App
 from .client import connect
 from .codecs import JSON, Codec, Message
 from .conn import Conn, ConnState, Request
@@ -22,6 +23,7 @@ from .stream import ByteStream
 
 __all__ = [
     # Server and client
+    "App",
     "serve",
     "run",
     "Server",

@@ -140,6 +140,14 @@ class Conn:
                 await self._receiver
             finally:
                 self._receiver = None
+        message = self._take_pending()
+        assert message is not None
+        return message
+
+    def _take_pending(self) -> Message | None:
+        """Pop the oldest queued message; resume reading once the queue is half empty."""
+        if not self._inbox:
+            return None
         message = self._inbox.popleft()
         if self._read_paused and len(self._inbox) <= self._max_queue // 2:
             self._update_reading()
