@@ -94,9 +94,9 @@ export interface CloseDetail {
 
 export interface TetherEventMap {
   /** A connection opened (every time). */
-  open: CustomEvent<undefined>;
+  open: CustomEvent<null>;
   /** A connection other than the first opened. */
-  reconnected: CustomEvent<undefined>;
+  reconnected: CustomEvent<null>;
   /** A socket closed, or the client became closed. */
   close: CustomEvent<CloseDetail>;
   /** A retry is scheduled: `attempt` counts from 1, `delay` in ms. */
