@@ -84,6 +84,9 @@ class DecodeError(TetherError):
         self.message = message
         self.path = path
 
+    def __str__(self) -> str:
+        return self.message if self.path is None else f"{self.message} at {self.path}"
+
 
 class ReplyError(TetherError):
     """Raise in a typed handler to answer with ``{"type": "error", "data": {"code", "message"}}``.
