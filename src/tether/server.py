@@ -162,20 +162,29 @@ class Server:
 
     async def _run(self, handler: Handler, conn: Conn) -> None:
         try:
-            await handler(conn)
-        except ConnectionClosed:
-            pass
-        except CloseConnection as exc:
-            conn._start_close(exc.code, exc.reason)
-        except Exception:
-            logger.exception("handler for %s failed; closing with 1011", conn.path)
-            conn._start_close(1011, "internal error")
-        else:
-            conn._start_close(1000, "")
-        try:
-            await conn.wait_closed()
+            await run_handler(handler, conn)
         finally:
             self.connections.discard(conn)
+
+
+async def run_handler(handler: Handler, conn: Conn) -> None:
+    """Run ``handler`` on ``conn`` and close it; shared by every transport (picows, ASGI, memory).
+
+    ``CloseConnection`` closes with its code, any other exception with 1011 (logged here,
+    never sent to the peer), a normal return with 1000. Returns once ``conn`` is closed.
+    """
+    try:
+        await handler(conn)
+    except ConnectionClosed:
+        pass
+    except CloseConnection as exc:
+        conn._start_close(exc.code, exc.reason)
+    except Exception:
+        logger.exception("handler for %s failed; closing with 1011", conn.path)
+        conn._start_close(1011, "internal error")
+    else:
+        conn._start_close(1000, "")
+    await conn.wait_closed()
 
 
 def _file_response(name: str, body: bytes) -> HttpResponse:
