@@ -28,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Union, get_type_hints
+from typing import TYPE_CHECKING, Any, Callable, Generator, Union, get_type_hints
 
 import msgspec
 
@@ -38,6 +39,9 @@ from .conn import Conn, Message
 from .envelope import encode_message
 from .errors import CloseConnection, ConnectionClosed, ReplyError
 from .protocol import OP_TEXT
+
+if TYPE_CHECKING:
+    from .asgi import ASGIApp
 
 __all__ = ["App", "RESERVED_TYPES"]
 
@@ -114,6 +118,15 @@ class App:
         self._on_disconnect.append(fn)
         return fn
 
+    def asgi(self, **settings: Any) -> ASGIApp:
+        """This app as an ASGI application: ``Starlette(routes=[WebSocketRoute("/ws", app.asgi())])``.
+
+        ``settings`` are those of :func:`tether.asgi.asgi`.
+        """
+        from .asgi import asgi
+
+        return asgi(self, **settings)
+
     # -- serving -----------------------------------------------------------------------
     async def __call__(self, conn: Conn) -> None:
         """Serve one connection (this is what makes an App a handler)."""
@@ -130,7 +143,9 @@ class App:
             await self._disconnected(conn)
 
     async def _welcome(self, conn: Conn) -> None:
-        await conn.emit("welcome", {"heartbeat": {"interval": None, "timeout": None}})
+        interval, timeout = conn.keepalive
+        conn._app_heartbeat = interval is not None
+        await conn.emit("welcome", {"heartbeat": {"interval": interval, "timeout": timeout}})
 
     async def _disconnected(self, conn: Conn) -> None:
         await conn.wait_closed()
@@ -153,9 +168,7 @@ class App:
             )
             classes.append(cls)
             self._by_class[cls] = route
-        if not classes:
-            # No handlers: every message is an unknown type.
-            classes.append(msgspec.defstruct("Envelope_none", [("id", _Id, None)], tag="\x00", tag_field="type"))
+        classes.append(_Heartbeat)
         self._decoder = msgspec.json.Decoder(Union[tuple(classes)])  # type: ignore[arg-type]
 
     # -- one message -------------------------------------------------------------------
@@ -170,7 +183,10 @@ class App:
         except msgspec.DecodeError as exc:
             self._bad_message(conn, message, exc)
             return
-        route = self._by_class[envelope.__class__]
+        route = self._by_class.get(envelope.__class__)
+        if route is None:
+            _heartbeat(conn, envelope.data)
+            return
         if route.concurrent:
             asyncio.get_running_loop().create_task(self._run_task(conn, route, envelope.data, envelope.id))
             return
@@ -300,6 +316,23 @@ class _Resume:
                     to_yield = coro.send(sent)
                 except StopIteration as stop:
                     return stop.value
+
+
+class _Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type"):
+    data: Any = None
+    id: _Id = None
+
+
+def _heartbeat(conn: Conn, data: Any) -> None:
+    """A client's heartbeat: our own echoed back (measure latency), or one to echo."""
+    t = data.get("t") if isinstance(data, dict) else None
+    if t is not None and t == conn._heartbeat_sent:
+        conn.latency = time.monotonic() - t
+        return
+    try:
+        conn._write(OP_TEXT, encode_message("heartbeat", data))
+    except ConnectionClosed:
+        pass
 
 
 def _send_error(conn: Conn, id: _Id, code: str, message: str, path: str | None = None) -> None:
