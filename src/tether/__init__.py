@@ -19,6 +19,7 @@ from .errors import (
     TetherError,
 )
 from .server import Handler, Server, run, serve
+from .session import Client, ClientClosed, ConnectionLost, OutboxOverflow
 from .stream import ByteStream
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "Server",
     "Handler",
     "connect",
+    "Client",
     # Connections
     "Conn",
     "ConnState",
@@ -48,6 +50,9 @@ __all__ = [
     "DecodeError",
     "ReplyError",
     "CloseConnection",
+    "ConnectionLost",
+    "OutboxOverflow",
+    "ClientClosed",
 ]
 
 __version__ = "0.1.0"

@@ -35,7 +35,7 @@ __all__ = ["HttpResponse", "TransportSettings", "create_server", "open_connectio
 
 _MSG_TYPE = {OP_TEXT: WSMsgType.TEXT, OP_BINARY: WSMsgType.BINARY}
 _TEXT = WSMsgType.TEXT
-_CLOSE = WSMsgType.CLOSE
+_PONG = WSMsgType.PONG
 _DATA_OR_CLOSE = (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.CLOSE)
 
 
@@ -56,6 +56,9 @@ class TransportSettings:
     handshake_timeout: float | None = 5.0
     # A small initial read buffer keeps idle connections cheap; picows grows it on demand.
     read_buffer_size: int = 2048
+    # Keepalive: ping every interval, close 1011 if no pong within timeout (None disables).
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
 
 
 OnOpen = Callable[[Conn], None]
@@ -84,6 +87,7 @@ class _Listener(WSListener):  # type: ignore[misc]
         self.request.remote_address = (peer[0], peer[1]) if peer else None
         s = self._settings
         self.conn = Conn(self, self.request, is_client=self._is_client, max_queue=s.max_queue, close_timeout=s.close_timeout)
+        self.conn._start_keepalive(s.ping_interval, s.ping_timeout)
         if self._on_open is not None:
             self._on_open(self.conn)
 
@@ -105,7 +109,9 @@ class _Listener(WSListener):  # type: ignore[misc]
             conn._on_data(text)
             return
         if msg_type not in _DATA_OR_CLOSE:
-            return  # ping (picows answered it) or pong
+            if msg_type is _PONG:
+                conn._on_pong(frame.get_payload_as_bytes())
+            return  # pings are answered by picows
         event = self._receiver.receive_frame(msg_type.value, frame.fin, rsv, frame.get_payload_as_bytes())
         if event is None:
             return
@@ -136,6 +142,10 @@ class _Listener(WSListener):  # type: ignore[misc]
     def write_close(self, code: int, reason: str) -> None:
         assert self._transport is not None
         self._transport.send_close(code, reason.encode())
+
+    def ping(self, payload: bytes) -> None:
+        assert self._transport is not None
+        self._transport.send_ping(payload)
 
     def pause_reading(self) -> None:
         if self._raw is not None and not self._raw.is_closing():

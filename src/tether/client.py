@@ -27,7 +27,9 @@ class connect:
     Settings: ``headers`` (extra handshake headers, e.g. ``Authorization``),
     ``max_message_size`` (default 1 MiB, ``None`` for no limit), ``open_timeout`` (seconds
     for TCP + handshake), ``close_timeout``, ``max_queue`` (messages buffered before the
-    client stops reading), ``ssl`` (an ``ssl.SSLContext`` for ``wss://``).
+    client stops reading), ``ssl`` (an ``ssl.SSLContext`` for ``wss://``), ``ping_interval``
+    and ``ping_timeout`` (keepalive: a server that stops answering pings is dropped and
+    ``receive`` raises :class:`tether.KeepaliveTimeout`; ``None`` disables).
     Raises :class:`tether.InvalidHandshake` if the server refuses the upgrade.
     """
 
@@ -41,10 +43,18 @@ class connect:
         open_timeout: float | None = 10.0,
         close_timeout: float = 5.0,
         ssl: ssl_module.SSLContext | None = None,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
     ) -> None:
         self.url = url
         self._headers = list(headers.items()) if headers else None
-        self._settings = TransportSettings(max_message_size=max_message_size, max_queue=max_queue, close_timeout=close_timeout)
+        self._settings = TransportSettings(
+            max_message_size=max_message_size,
+            max_queue=max_queue,
+            close_timeout=close_timeout,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+        )
         self._open_timeout = open_timeout
         self._ssl = ssl
         self._conn: Conn | None = None

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Protocol
 
 from .envelope import encode_message
-from .errors import ConnectionClosed, ConnectionClosedOK, closed_error
+from .errors import KEEPALIVE_REASON, ConnectionClosed, ConnectionClosedOK, closed_error
+from .keepalive import Pinger, heartbeat_due
 from .protocol import OP_BINARY, OP_TEXT
 
 if TYPE_CHECKING:
@@ -26,6 +28,7 @@ __all__ = ["Conn", "ConnState", "Request", "Wire"]
 logger = logging.getLogger("tether")
 
 Message = str | bytes
+_now = time.monotonic
 
 
 class ConnState(enum.Enum):
@@ -41,6 +44,7 @@ class Wire(Protocol):
 
     def write(self, opcode: int, payload: bytes) -> None: ...
     def write_close(self, code: int, reason: str) -> None: ...
+    def ping(self, payload: bytes) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def disconnect(self) -> None: ...
@@ -104,6 +108,13 @@ class Conn:
         self._close_timer: asyncio.TimerHandle | None = None
         self._close_timeout = close_timeout
         self._sent_close = False
+        self._last_write = 0.0
+        self._pinger: Pinger | None = None
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        #: Heartbeat settings ``(interval, timeout)`` in seconds, announced to typed clients.
+        self.keepalive: tuple[float | None, float | None] = (None, None)
+        self._app_heartbeat = False
+        self._heartbeat_sent: float | None = None
 
     # -- request details ---------------------------------------------------------------
     @property
@@ -208,6 +219,52 @@ class Conn:
         if self.state is not ConnState.OPEN:
             raise self._closed_exception()
         self._wire.write(opcode, payload)
+        self._last_write = _now()
+
+    # -- keepalive ---------------------------------------------------------------------
+    def _start_keepalive(self, interval: float | None, timeout: float | None) -> None:
+        """Ping every ``interval`` seconds; close with 1011 if a pong takes over ``timeout``."""
+        self.keepalive = (interval, timeout)
+        if interval is None:
+            return
+        now = _now()
+        self._last_write = now
+        self._pinger = Pinger(interval, timeout, now)
+        self._schedule_keepalive()
+
+    def _schedule_keepalive(self) -> None:
+        assert self._pinger is not None
+        wake = self._pinger.next_wakeup()
+        if self._app_heartbeat:
+            wake = min(wake, self._last_write + self._pinger.interval)
+        loop = asyncio.get_running_loop()
+        self._keepalive_timer = loop.call_at(wake - _now() + loop.time(), self._keepalive_tick)
+
+    def _keepalive_tick(self) -> None:
+        pinger = self._pinger
+        if pinger is None or self.state is not ConnState.OPEN:
+            return
+        now = _now()
+        action = pinger.tick(now)
+        if action == "dead":
+            self._on_keepalive_timeout()
+            return
+        if action == "ping":
+            self._wire.ping(pinger.payload)
+        if self._app_heartbeat and heartbeat_due(now, self._last_write, pinger.interval):
+            # Browsers cannot see pings and some proxies only count data frames.
+            self._heartbeat_sent = now
+            self._write(OP_TEXT, encode_message("heartbeat", {"t": now}))
+        self._schedule_keepalive()
+
+    def _on_pong(self, payload: bytes) -> None:
+        if self._pinger is not None and self._pinger.pong(payload, _now()) is not None:
+            self.latency = self._pinger.latency
+
+    def _on_keepalive_timeout(self) -> None:
+        """The peer stopped answering: it will not complete a close handshake either."""
+        logger.info("keepalive timeout on %r", self)
+        self._on_fail(1011, KEEPALIVE_REASON)
 
     # -- closing -----------------------------------------------------------------------
     async def close(self, code: int = 1000, reason: str = "") -> None:
@@ -290,8 +347,9 @@ class Conn:
         if self.close_code is None:
             self.close_code, self.close_reason = 1006, ""
         self.state = ConnState.CLOSED
-        if self._close_timer is not None:
-            self._close_timer.cancel()
+        for timer in (self._close_timer, self._keepalive_timer):
+            if timer is not None:
+                timer.cancel()
         for fut in (self._receiver, self._drain):
             if fut is not None and not fut.done():
                 fut.set_result(None)

@@ -94,10 +94,15 @@ class ReplyError(TetherError):
     ``code`` is an app-chosen string (``"not_found"``); the connection stays open.
     """
 
-    def __init__(self, code: str, message: str = "") -> None:
+    def __init__(self, code: str, message: str = "", path: str | None = None) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
+        #: The failing field (``$.data.n``) when the error is ``invalid_data``.
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
 
 
 class CloseConnection(TetherError):

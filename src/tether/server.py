@@ -57,6 +57,9 @@ class Server:
         handshake_timeout: float | None = 5.0,
         close_timeout: float = 5.0,
         shutdown_timeout: float = 10.0,
+        # Keepalive
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
     ) -> None:
         self.routes: dict[str, Handler] = dict(routes) if isinstance(routes, Mapping) else {"/": routes}
         self.static_dir = Path(static_dir).resolve() if static_dir is not None else None
@@ -68,6 +71,8 @@ class Server:
             max_queue=max_queue,
             close_timeout=close_timeout,
             handshake_timeout=handshake_timeout,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
         )
         #: Open connections.
         self.connections: set[Conn] = set()
