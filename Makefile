@@ -108,7 +108,7 @@ test-js:
 # Demo
 
 demo: venv
-	$(VENV)/bin/python examples/hello/server.py
+	$(VENV)/bin/python -m examples.hello.server
 
 # ---------------------------------------------------------------------------------------------
 # Benchmarks (owned by the benchmark engineer: `make bench` goes here)
