@@ -138,6 +138,11 @@ class App:
             conn._on_message = self._on_message
             self._resume(conn)
             await conn.wait_closed()
+        except Exception as exc:
+            # Close now (as run_handler would), or _disconnected below waits for ever.
+            code, reason = (exc.code, exc.reason) if isinstance(exc, CloseConnection) else (1011, "internal error")
+            conn._start_close(code, reason)
+            raise
         finally:
             conn._on_message = None
             await self._disconnected(conn)
