@@ -33,7 +33,7 @@ WSTEST_PINS := autobahntestsuite==25.10.1 txaio==2.1.0 incremental==16.10.1 pyOp
 	Werkzeug==1.0.1 klein==17.10.0 service_identity==18.1.0 unittest2==1.1.0 six==1.16.0 \
 	'autobahn[accelerate,twisted]==0.10.9'
 
-.PHONY: help venv deps autobahn-env test test-fast test-js demo clean
+.PHONY: help venv deps autobahn-env node-deps test test-fast test-js demo clean
 
 help:
 	@sed -n '3,11s/^# \{0,1\}//p' Makefile
@@ -95,11 +95,18 @@ autobahn-env: $(VENV_STAMP)
 # ---------------------------------------------------------------------------------------------
 # Tests. Node's runner goes first and pytest last: a run is judged by its last summary line.
 
-test: venv deps autobahn-env test-js
+test: venv deps autobahn-env node-deps test-js
 	$(PYTEST)
 
-test-fast: venv test-js
+test-fast: venv node-deps test-js
 	$(PYTEST) -m "not slow"
+
+# TypeScript compiler and the AsyncAPI parser that check `tether schema` output (tests/ts).
+node-deps: tests/ts/node_modules/.installed
+
+tests/ts/node_modules/.installed: tests/ts/package-lock.json
+	cd tests/ts && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 test-js:
 	@if [ -d tests/js ]; then node --test tests/js/; else echo "test-js: no tests/js, skipped"; fi

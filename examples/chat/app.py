@@ -35,6 +35,10 @@ class Joined(msgspec.Struct):
     name: str
 
 
+app.emits("said", Said)
+app.emits("joined", Joined)
+
+
 @app.on_connect
 async def joined(conn: tether.Conn) -> None:
     conn.assigns["name"] = f"guest{next(_guest)}"

@@ -84,6 +84,8 @@ class App:
         self._on_connect: list[Callable[[Conn], Any]] = []
         self._on_disconnect: list[Callable[[Conn, int, str], Any]] = []
         self._decoder: msgspec.json.Decoder[Any] | None = None
+        #: Types the server sends (declared with :meth:`emits`), for the schema.
+        self.emitted: dict[str, Any] = {}
         self._by_class: dict[type, Route] = {}
 
     # -- registration ------------------------------------------------------------------
@@ -104,6 +106,10 @@ class App:
             return fn
 
         return register
+
+    def emits(self, type: str, data_type: Any) -> None:
+        """Declare a message type the server sends (``conn.emit(type, ...)``) for the schema."""
+        self.emitted[type] = data_type
 
     def on_connect(self, fn: Callable[[Conn], Any]) -> Callable[[Conn], Any]:
         """Register a hook run when a connection opens, before any message is handled.
