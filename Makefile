@@ -119,6 +119,25 @@ demo: venv
 
 # ---------------------------------------------------------------------------------------------
 # Benchmarks (owned by the benchmark engineer: `make bench` goes here)
+#   make bench         full suite (~35 min): every peer, 3 interleaved runs, writes docs/benchmarks.md
+#                      and docs/benchmarks.png; raw JSON in bench/results/. BENCH_ARGS="--peers a,b" etc.
+#   make bench-quick   a few seconds per peer, report in bench/results/quick/
+
+BENCH_STAMP := $(VENV)/.tether-bench-installed
+.PHONY: bench bench-quick
+
+$(BENCH_STAMP): $(VENV_STAMP)
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
+	command -v go >/dev/null || $(MAKE) deps
+	ulimit -n "$$(ulimit -Hn)"
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+bench-quick: $(BENCH_STAMP)
+	command -v go >/dev/null || $(MAKE) deps
+	$(VENV)/bin/python bench/run.py --quick --out bench/results/quick $(BENCH_ARGS)
 
 
 # ---------------------------------------------------------------------------------------------

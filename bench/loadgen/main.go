@@ -183,7 +183,7 @@ func dial(addr, path, proto string) (*conn, error) {
 	rand.Read(key[:])
 	k := base64.StdEncoding.EncodeToString(key[:])
 	req := "GET " + path + " HTTP/1.1\r\nHost: " + addr + "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
-		"Sec-WebSocket-Key: " + k + "\r\nSec-WebSocket-Version: 13\r\n\r\n"
+		"Origin: http://" + addr + "\r\nSec-WebSocket-Key: " + k + "\r\nSec-WebSocket-Version: 13\r\n\r\n"
 	if _, err := nc.Write([]byte(req)); err != nil {
 		nc.Close()
 		return nil, err
