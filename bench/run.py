@@ -106,7 +106,8 @@ class Mode:
     idle_n: int
     bcast: list[tuple[int, int]]  # (receivers, broadcasts)
     server_start_timeout: float = 15.0
-    quiet_wait: float = 60.0  # before each measurement, wait up to this long for the machine to be idle
+    quiet_wait: float = 20.0  # before each measurement, wait up to this long for the machine to be idle
+    quiet_budget: float = 600.0  # ... and at most this long in total
 
 
 FULL = Mode(
@@ -426,7 +427,19 @@ def plan(peers: list[str], bcast_peers: list[str], mode: Mode, seed: int) -> lis
     return tasks
 
 
-def wait_quiet(max_wait: float) -> float:
+_waited_total = 0.0
+
+
+def wait_quiet(mode: Mode) -> float:
+    global _waited_total
+    if _waited_total >= mode.quiet_budget:
+        return 0.0
+    w = _wait_quiet(min(mode.quiet_wait, mode.quiet_budget - _waited_total))
+    _waited_total += w
+    return w
+
+
+def _wait_quiet(max_wait: float) -> float:
     """Wait (at most max_wait s) until the rest of the machine uses < FOREIGN_LIMIT of a core; returns the wait."""
     t0 = time.monotonic()
     while True:
@@ -879,7 +892,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for task in tasks:
             progress.start(task)
-            task.waited = wait_quiet(mode.quiet_wait)
+            task.waited = wait_quiet(mode)
             execute(task, mode)
             progress.finish(task)
         # measurements disturbed by other jobs on the machine are taken once more; the cleaner one is kept
@@ -892,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
             for task in noisy:
                 progress.start(task)
                 old = task.result
-                task.waited = wait_quiet(mode.quiet_wait)
+                task.waited = wait_quiet(mode)
                 execute(task, mode)
                 if task.result is None or task.result.get("foreign_cpu_frac", 0) > old.get("foreign_cpu_frac", 0):  # type: ignore[union-attr]
                     task.result, task.error = old, None
