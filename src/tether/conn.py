@@ -367,8 +367,13 @@ class Conn:
         self._drain = None
 
     def _update_reading(self) -> None:
-        """Stop reading while we cannot write or the inbox is full; the peer then slows."""
-        pause = self._write_paused or len(self._inbox) >= self._max_queue
+        """Stop reading while the inbox is full; the peer then slows.
+
+        Not while writes are paused: a peer that is itself blocked writing to us would then
+        never read, and both sides would wait forever (a handler stuck in ``send`` stops
+        draining the inbox anyway, so reading still pauses once it fills).
+        """
+        pause = len(self._inbox) >= self._max_queue
         if pause != self._read_paused and self.state is not ConnState.CLOSED:
             self._read_paused = pause
             (self._wire.pause_reading if pause else self._wire.resume_reading)()

@@ -23,7 +23,7 @@ import ssl as ssl_module
 from importlib import resources
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Generator, Iterable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from . import _picows
 from ._picows import HttpResponse, TransportSettings
@@ -150,8 +150,9 @@ class Server:
         if path in _CLIENT_FILES:
             body = resources.files("tether").joinpath("static", _CLIENT_FILES[path]).read_bytes()
             return _file_response(_CLIENT_FILES[path], body)
-        if self.static_dir is not None:
-            target = (self.static_dir / path.lstrip("/")).resolve()
+        name = unquote(path)  # browsers percent-encode names ("a%20b.txt")
+        if self.static_dir is not None and "\0" not in name:
+            target = (self.static_dir / name.lstrip("/")).resolve()
             if target.is_dir():
                 target = target / "index.html"
             if target.is_relative_to(self.static_dir) and target.is_file():
