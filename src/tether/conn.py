@@ -234,11 +234,16 @@ class Conn:
 
     def _schedule_keepalive(self) -> None:
         assert self._pinger is not None
+        now = _now()
         wake = self._pinger.next_wakeup()
+        if wake <= now:
+            # Waiting for a pong with no timeout: nothing to decide until it comes. Without
+            # this the timer would fire again at once, forever (a busy loop).
+            wake = now + self._pinger.interval
         if self._app_heartbeat:
             wake = min(wake, self._last_write + self._pinger.interval)
         loop = asyncio.get_running_loop()
-        self._keepalive_timer = loop.call_at(wake - _now() + loop.time(), self._keepalive_tick)
+        self._keepalive_timer = loop.call_at(wake - now + loop.time(), self._keepalive_tick)
 
     def _keepalive_tick(self) -> None:
         pinger = self._pinger

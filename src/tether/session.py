@@ -91,7 +91,6 @@ class Client:
     ) -> None:
         self.url = url
         self.state: State = "connecting"
-        self.latency: float | None = None
         self.backoff = backoff or Backoff()
         self._params = params
         self._headers = headers
@@ -109,6 +108,15 @@ class Client:
         self._wake = asyncio.Event()
         self._opened = 0
         self._waiters: list[asyncio.Future[None]] = []
+        self._not_before = 0.0  # monotonic time before which a 1001 retry_after forbids retrying
+        self._latency: float | None = None
+
+    @property
+    def latency(self) -> float | None:
+        """Last measured ping round trip in seconds (kept across reconnects), or None."""
+        if self._conn is not None and self._conn.latency is not None:
+            self._latency = self._conn.latency
+        return self._latency
 
     # -- public API ----------------------------------------------------------------------
     def on(self, type: str, handler: Callable[[Any], Any]) -> Callable[[], None]:
@@ -158,15 +166,20 @@ class Client:
         """Close for good: no reconnect; pending requests fail with :class:`ClientClosed`."""
         self.state = "closed"
         self._wake.set()
+        # Before the socket closes: requests in flight fail as closed, not as lost.
+        self._fail_pending(ClientClosed("client is closed"), self._pending)
+        self._outbox.clear()
         if self._conn is not None:
             await self._conn.close()
         if self._task is not None:
             await self._task
-        self._fail_pending(ClientClosed("client is closed"), self._pending)
-        self._outbox.clear()
+        self._notify()
 
     def wake(self) -> None:
-        """Skip the remaining backoff and reconnect now (e.g. the network came back)."""
+        """Skip the remaining backoff and reconnect now (e.g. the network came back).
+
+        A server's 1001 ``retry_after`` is still honoured, as in tether.js.
+        """
         self._wake.set()
 
     async def __aenter__(self) -> Client:
@@ -194,7 +207,9 @@ class Client:
                 self._notify()
                 return
             self.backoff.maybe_reset(time.monotonic())
-            delay = (retry_after(code, reason) or 0.0) + self.backoff.next_delay(random.random())
+            not_before = retry_after(code, reason) or 0.0
+            delay = not_before + self.backoff.next_delay(random.random())
+            self._not_before = time.monotonic() + not_before
             self.state = "reconnecting"
             self._emit("reconnecting", self.backoff.attempt, delay)
             self._notify()
@@ -204,6 +219,8 @@ class Client:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+            else:  # woken early: skip the backoff, never the server's retry_after
+                await asyncio.sleep(max(0.0, self._not_before - time.monotonic()))
 
     async def _connect_once(self) -> tuple[int | None, str]:
         """One connection, from opening to closing; returns how it ended."""
