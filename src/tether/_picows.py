@@ -8,6 +8,7 @@ endpoint (fragments, UTF-8, reserved bits, message size, close handshake) is don
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl as ssl_module
 from dataclasses import dataclass
 from typing import Callable
@@ -31,7 +32,9 @@ from .conn import Conn, Request
 from .errors import InvalidHandshake
 from .protocol import OP_BINARY, OP_CLOSE, OP_TEXT, CloseReceived, Fail, Receiver
 
-__all__ = ["HttpResponse", "TransportSettings", "create_server", "open_connection"]
+__all__ = ["Accept", "HttpResponse", "TransportSettings", "create_server", "open_connection"]
+
+logger = logging.getLogger("tether")
 
 _MSG_TYPE = {OP_TEXT: WSMsgType.TEXT, OP_BINARY: WSMsgType.BINARY}
 _TEXT = WSMsgType.TEXT
@@ -59,10 +62,23 @@ class TransportSettings:
     # Keepalive: ping every interval, close 1011 if no pong within timeout (None disables).
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
+    # Broadcast send queue per connection while its socket is full (docs/rooms.md).
+    max_send_queue: int | None = 256
+    send_overflow: str = "drop_oldest"
 
 
 OnOpen = Callable[[Conn], None]
-Route = Callable[[Request], "HttpResponse | OnOpen"]
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """Upgrade this request; ``headers`` go into the 101 response (e.g. the subprotocol)."""
+
+    on_open: OnOpen
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Route = Callable[[Request], "HttpResponse | Accept"]
 
 
 class _Listener(WSListener):  # type: ignore[misc]
@@ -86,7 +102,10 @@ class _Listener(WSListener):  # type: ignore[misc]
         peer = self._raw.get_extra_info("peername")
         self.request.remote_address = (peer[0], peer[1]) if peer else None
         s = self._settings
-        self.conn = Conn(self, self.request, is_client=self._is_client, max_queue=s.max_queue, close_timeout=s.close_timeout)
+        self.conn = Conn(
+            self, self.request, is_client=self._is_client, max_queue=s.max_queue, close_timeout=s.close_timeout,
+            max_send_queue=s.max_send_queue, overflow=s.send_overflow,
+        )
         self.conn._start_keepalive(s.ping_interval, s.ping_timeout)
         if self._on_open is not None:
             self._on_open(self.conn)
@@ -139,6 +158,14 @@ class _Listener(WSListener):  # type: ignore[misc]
         assert self._transport is not None
         self._transport.send(_MSG_TYPE[opcode], payload)
 
+    def write_frame(self, frame: bytes, opcode: int, payload: bytes) -> None:
+        """Write a whole frame built once for many receivers (rooms.encode_frame).
+
+        picows writes its own frames synchronously too, so whole frames never interleave.
+        """
+        assert self._raw is not None
+        self._raw.write(frame)
+
     def write_close(self, code: int, reason: str) -> None:
         assert self._transport is not None
         self._transport.send_close(code, reason.encode())
@@ -188,10 +215,18 @@ async def create_server(
 
     def factory(upgrade: WSUpgradeRequest) -> _Listener | WSUpgradeResponseWithListener:
         request = _request_from(upgrade.path.decode("latin-1"), upgrade.headers)
-        decision = route(request)
+        try:
+            decision = route(request)
+        except Exception:
+            # picows would send str(exc) as the body: never leak internals.
+            logger.exception("routing %s failed", request.path)
+            decision = HttpResponse(500, b"500 Internal Server Error\n")
         if isinstance(decision, HttpResponse):
             return _http(decision)
-        return _Listener(request, decision, settings, is_client=False)
+        listener = _Listener(request, decision.on_open, settings, is_client=False)
+        if decision.headers:
+            return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(list(decision.headers)), listener)
+        return listener
 
     size = settings.max_message_size
     return await ws_create_server(

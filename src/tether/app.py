@@ -39,16 +39,18 @@ from .conn import Conn, Message
 from .envelope import encode_message
 from .errors import CloseConnection, ConnectionClosed, ReplyError
 from .protocol import OP_TEXT
+from .rooms import Hub, Member, OnJoin, client_routes
 
 if TYPE_CHECKING:
     from .asgi import ASGIApp
+    from .broker import Broker
 
 __all__ = ["App", "RESERVED_TYPES"]
 
 logger = logging.getLogger("tether")
 
 #: Message types the framework itself uses (docs/protocol.md); apps cannot register them.
-RESERVED_TYPES = frozenset({"welcome", "reply", "error", "heartbeat"})
+RESERVED_TYPES = frozenset({"welcome", "reply", "error", "heartbeat", "join", "leave", "presence"})
 
 _Id = Union[int, str, None]
 
@@ -79,8 +81,12 @@ _loose = msgspec.json.Decoder(_Loose)
 class App:
     """A typed-message application. See the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, broker: str | Broker | None = None) -> None:
         self.routes: dict[str, Route] = {}
+        # Rooms (docs/rooms.md): our own hub if given a broker, else the server's.
+        self._hub: Hub | None = Hub(broker) if broker is not None else None
+        self._on_join: list[OnJoin] = []
+        self._room_routes = {t: _route(t, fn, False) for t, fn in client_routes(self._on_join).items()}
         self._on_connect: list[Callable[[Conn], Any]] = []
         self._on_disconnect: list[Callable[[Conn, int, str], Any]] = []
         self._decoder: msgspec.json.Decoder[Any] | None = None
@@ -133,10 +139,44 @@ class App:
 
         return asgi(self, **settings)
 
+    def on_join(self, fn: OnJoin) -> OnJoin:
+        """Let clients join rooms (``{"type": "join", "data": {"room", "meta"}}``), if ``fn`` agrees.
+
+        ``fn(conn, room, meta)`` returns ``True`` (accept the client's meta), ``False`` or
+        ``None`` (refuse: error ``forbidden``), or the meta to use instead; it may raise
+        ``tether.ReplyError``. Without any ``on_join`` hook clients cannot join rooms.
+        """
+        self._on_join.append(fn)
+        return fn
+
+    # -- rooms -------------------------------------------------------------------------
+    @property
+    def hub(self) -> Hub:
+        """The rooms hub: the app's own (``App(broker=...)``), else its server's."""
+        if self._hub is None:
+            self._hub = Hub()
+        return self._hub
+
+    def _bind_hub(self, hub: Hub) -> Hub:
+        """Called by the server that mounts this app: use its hub unless we have one."""
+        if self._hub is None:
+            self._hub = hub
+        return self._hub
+
+    async def broadcast(self, room: str, type: str, data: Any = None, *, exclude: Conn | None = None) -> int:
+        """Send ``{"type", "data", "room"}`` to every member of ``room`` (see :meth:`tether.Hub.broadcast`)."""
+        return await self.hub.broadcast(room, type, data, exclude=exclude)
+
+    async def presence(self, room: str) -> list[Member]:
+        """Who is in ``room``, on every process (see :meth:`tether.Hub.presence`)."""
+        return await self.hub.presence(room)
+
     # -- serving -----------------------------------------------------------------------
     async def __call__(self, conn: Conn) -> None:
         """Serve one connection (this is what makes an App a handler)."""
         self._prepare()
+        conn.hub = self._bind_hub(conn.hub) if conn.hub is not None else self.hub
+        conn._typed = True
         try:
             for hook in self._on_connect:
                 await _maybe_await(hook(conn))
@@ -172,7 +212,7 @@ class App:
             return
         classes = []
         self._by_class = {}
-        for route in self.routes.values():
+        for route in [*self.routes.values(), *self._room_routes.values()]:
             data_field = ("data", route.data_type, None) if _accepts_none(route.data_type) else ("data", route.data_type)
             cls = msgspec.defstruct(
                 f"Envelope_{route.type}", [data_field, ("id", _Id, None)], tag=route.type, tag_field="type"
@@ -235,7 +275,7 @@ class App:
             code, text, path = ("bad_json", "invalid JSON", None) if not isinstance(exc, msgspec.ValidationError) else ("bad_envelope", "the message must be a JSON object with a string \"type\"", None)
         elif not isinstance(loose.type, str) or not isinstance(exc, msgspec.ValidationError):
             code, text, path = "bad_envelope", "the message must be a JSON object with a string \"type\"", None
-        elif loose.type not in self.routes:
+        elif loose.type not in self.routes and loose.type not in self._room_routes:
             code, text, path = "unknown_type", f"no handler for message type {loose.type!r}", None
         else:
             error = decode_error(exc)

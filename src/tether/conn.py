@@ -13,22 +13,26 @@ import enum
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Protocol
 
 from .envelope import encode_message
 from .errors import KEEPALIVE_REASON, ConnectionClosed, ConnectionClosedOK, closed_error
 from .keepalive import Pinger, heartbeat_due
+from .limits import TokenBucket
 from .protocol import OP_BINARY, OP_TEXT
 
 if TYPE_CHECKING:
+    from .rooms import Hub
     from .stream import ByteStream
 
-__all__ = ["Conn", "ConnState", "Request", "Wire"]
+__all__ = ["Conn", "ConnState", "Request", "Wire", "Overflow", "SendStats"]
 
 logger = logging.getLogger("tether")
 
 Message = str | bytes
 _now = time.monotonic
+_RATE_LIMITED = encode_message("error", {"code": "rate_limited", "message": "too many messages: slow down"})
 
 
 class ConnState(enum.Enum):
@@ -37,6 +41,23 @@ class ConnState(enum.Enum):
     OPEN = 1
     CLOSING = 2
     CLOSED = 3
+
+
+class Overflow(enum.StrEnum):
+    """What a full send queue does with one more broadcast frame (docs/rooms.md)."""
+
+    DROP_OLDEST = "drop_oldest"  # discard the oldest queued frame and count it in stats.dropped
+    CLOSE = "close"  # close the slow consumer with 1013 "try again later"
+
+
+@dataclass(frozen=True, slots=True)
+class SendStats:
+    """Broadcast statistics of one connection: frames ``queued`` now (waiting for the
+    socket to drain), ``dropped`` so far by the overflow policy, ``sent`` to the socket."""
+
+    queued: int
+    dropped: int
+    sent: int
 
 
 class Wire(Protocol):
@@ -85,6 +106,8 @@ class Conn:
         is_client: bool = False,
         max_queue: int = 32,
         close_timeout: float = 5.0,
+        max_send_queue: int | None = 256,
+        overflow: Overflow | str = Overflow.DROP_OLDEST,
     ) -> None:
         self._wire = wire
         self.request = request
@@ -115,6 +138,19 @@ class Conn:
         self.keepalive: tuple[float | None, float | None] = (None, None)
         self._app_heartbeat = False
         self._heartbeat_sent: float | None = None
+        #: The rooms hub this connection joins rooms through (set by the server or App).
+        self.hub: Hub | None = None
+        # Broadcast path (rooms.py): optional Wire.write_frame, bounded queue while paused.
+        self._write_frame: Callable[[bytes, int, bytes], None] | None = getattr(wire, "write_frame", None)
+        self._send_queue: deque[tuple[bytes, int, bytes]] | None = None  # created on first use
+        self._max_send_queue = max_send_queue
+        self._overflow = Overflow(overflow)
+        self._sent = 0
+        self._dropped = 0
+        #: Who the peer is, as returned by the server's ``auth`` hook (None without one).
+        self.identity: Any = None
+        self._rate: TokenBucket | None = None
+        self._typed = False  # a typed App serves this connection: errors can be replies
 
     # -- request details ---------------------------------------------------------------
     @property
@@ -307,7 +343,10 @@ class Conn:
     # -- events from the transport adapter -----------------------------------------------
     def _on_data(self, message: Message) -> None:
         """A whole message arrived."""
-        if self.state is ConnState.CLOSED:
+        if self.state is not ConnState.OPEN:
+            return
+        if self._rate is not None and not self._rate.allow(_now()):
+            self._rate_limited()
             return
         if self._on_message is not None:
             self._on_message(self, message)
@@ -317,6 +356,14 @@ class Conn:
             self._receiver.set_result(None)
         if len(self._inbox) >= self._max_queue and not self._read_paused:
             self._update_reading()
+
+    def _rate_limited(self) -> None:
+        """A message over the rate limit: an error reply, then 1008 (see limits.py)."""
+        assert self._rate is not None
+        if self._typed and not self._rate.exhausted:
+            self._write(OP_TEXT, _RATE_LIMITED)
+        else:
+            self._start_close(1008, "rate limit exceeded")
 
     def _on_close_frame(self, code: int, reason: str) -> None:
         """The peer sent a close frame (RFC 6455 section 5.5.1)."""
@@ -366,6 +413,8 @@ class Conn:
 
     def _on_resume_writing(self) -> None:
         self._write_paused = False
+        if self._send_queue:
+            self._flush_send_queue()
         self._update_reading()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
@@ -382,3 +431,71 @@ class Conn:
         if pause != self._read_paused and self.state is not ConnState.CLOSED:
             self._read_paused = pause
             (self._wire.pause_reading if pause else self._wire.resume_reading)()
+
+    # -- rooms and broadcast (see tether.rooms) -------------------------------------------
+    @property
+    def rooms(self) -> frozenset[str]:
+        """The rooms this connection is in."""
+        return self.hub.rooms_of(self) if self.hub is not None else frozenset()
+
+    async def join(self, room: str, meta: Any = None, *, presence: bool = True) -> None:
+        """Join ``room`` (see :meth:`tether.Hub.join`); left automatically on close."""
+        await self._need_hub().join(self, room, meta, presence=presence)
+
+    async def leave(self, room: str) -> None:
+        """Leave ``room``; a no-op if this connection is not in it."""
+        await self._need_hub().leave(self, room)
+
+    def _need_hub(self) -> Hub:
+        if self.hub is None:
+            from .rooms import Hub
+
+            self.hub = Hub()
+        return self.hub
+
+    @property
+    def stats(self) -> SendStats:
+        """Broadcast statistics: send queue depth, frames dropped, frames sent."""
+        return SendStats(len(self._send_queue or ()), self._dropped, self._sent)
+
+    def _write_shared(self, frame: bytes, opcode: int, payload: bytes) -> None:
+        """Write a broadcast frame built once for many receivers; never waits, never raises.
+
+        While the socket's buffer is full the frame waits in a bounded queue instead.
+        """
+        if self.state is not ConnState.OPEN:
+            return
+        if self._write_paused or self._send_queue:
+            self._queue_shared(frame, opcode, payload)
+            return
+        self._put_shared(frame, opcode, payload)
+
+    def _put_shared(self, frame: bytes, opcode: int, payload: bytes) -> None:
+        if self._write_frame is not None:
+            self._write_frame(frame, opcode, payload)
+        else:
+            self._wire.write(opcode, payload)
+        self._sent += 1
+        self._last_write = _now()
+
+    def _queue_shared(self, frame: bytes, opcode: int, payload: bytes) -> None:
+        queue = self._send_queue
+        if queue is None:
+            queue = self._send_queue = deque()
+        limit = self._max_send_queue
+        if limit is not None and len(queue) >= limit:
+            if self._overflow is Overflow.CLOSE:
+                self._send_queue = None
+                self._start_close(1013, "try again later")
+                return
+            self._dropped += 1
+            if not queue:  # max_send_queue=0: nothing is ever queued
+                return
+            queue.popleft()
+        queue.append((frame, opcode, payload))
+
+    def _flush_send_queue(self) -> None:
+        """The socket drained: write queued broadcast frames until it is full again."""
+        queue = self._send_queue
+        while queue and not self._write_paused and self.state is ConnState.OPEN:
+            self._put_shared(*queue.popleft())

@@ -16,19 +16,27 @@ The same port answers plain HTTP GETs: ``/health``, the browser client at ``/tet
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import mimetypes
+import random
 import signal
 import ssl as ssl_module
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Generator, Iterable, Mapping
 from urllib.parse import unquote, urlsplit
 
 from . import _picows
-from ._picows import HttpResponse, TransportSettings
+from ._picows import Accept, HttpResponse, TransportSettings
+from .auth import SUBPROTOCOL, TOKEN_EXPIRED, UNAUTHORIZED, Auth, subprotocols
+from .limits import RateLimit, TokenBucket
 from .conn import Conn, Request
 from .errors import CloseConnection, ConnectionClosed
+from .broker import Broker
+from .conn import Overflow
+from .rooms import Hub
 
 __all__ = ["Server", "serve", "run", "Handler"]
 
@@ -60,12 +68,23 @@ class Server:
         # Keepalive
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
+        # Security
+        auth: Auth | None = None,
+        rate_limit: RateLimit | None = None,
+        shutdown_spread: float = 5.0,
+        # Rooms and broadcast (docs/rooms.md)
+        broker: str | Broker | None = None,
+        max_send_queue: int | None = 256,
+        send_overflow: Overflow | str = Overflow.DROP_OLDEST,
     ) -> None:
         self.routes: dict[str, Handler] = dict(routes) if isinstance(routes, Mapping) else {"/": routes}
         self.static_dir = Path(static_dir).resolve() if static_dir is not None else None
         self.allowed_origins = None if allowed_origins is None else frozenset(allowed_origins)
         self.max_connections = max_connections
         self.shutdown_timeout = shutdown_timeout
+        self.shutdown_spread = shutdown_spread
+        self.auth = auth
+        self.rate_limit = rate_limit
         self.settings = TransportSettings(
             max_message_size=max_message_size,
             max_queue=max_queue,
@@ -73,15 +92,22 @@ class Server:
             handshake_timeout=handshake_timeout,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
+            max_send_queue=max_send_queue,
+            send_overflow=Overflow(send_overflow),
         )
         #: Open connections.
         self.connections: set[Conn] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
+        #: This process's rooms hub (:class:`tether.Hub`); Apps without a broker of their own use it.
+        self.hub = Hub(broker)
+        self._hubs = _bind_hubs(self.routes.values(), self.hub)
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 8000, *, ssl: ssl_module.SSLContext | None = None, reuse_port: bool = False) -> None:
         """Start listening. ``port=0`` picks a free port: read it from :attr:`port`."""
+        for hub in self._hubs:
+            await hub.start()
         self._server = await _picows.create_server(self._route, host, port, self.settings, ssl=ssl, reuse_port=reuse_port)
 
     @property
@@ -93,18 +119,33 @@ class Server:
         assert self._server is not None, "server not started"
         await self._server.serve_forever()
 
-    async def close(self, code: int = 1001, reason: str = "going away") -> None:
-        """Stop accepting, close every connection with ``code`` and wait (bounded) for them."""
+    async def close(self, code: int = 1001, reason: str | None = None) -> None:
+        """Shut down gracefully, within ``shutdown_timeout`` seconds.
+
+        Stop accepting; stop reading from every connection; let handlers that are already
+        running finish their replies; then close each connection with ``code`` (1001 by
+        default) and the reason ``"going away; retry_after=<s>"``, where ``s`` is spread
+        at random over ``shutdown_spread`` seconds so clients do not all come back at once.
+        """
         if self._server is not None:
             self._server.close()
+        deadline = asyncio.get_running_loop().time() + self.shutdown_timeout
+        busy = [t for c in self.connections for t in c.assigns.get("_tether_tasks", ())]
+        for conn in self.connections:
+            conn._wire.pause_reading()
+        if busy:
+            await asyncio.wait(busy, timeout=self.shutdown_timeout / 2)
         for conn in list(self.connections):
-            conn._start_close(code, reason)
+            conn._wire.resume_reading()  # to read the peer's close frame; data is now ignored
+            conn._start_close(code, reason if reason is not None else _going_away(self.shutdown_spread))
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=self.shutdown_timeout)
+            await asyncio.wait(self._tasks, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
         for conn in list(self.connections):
             conn._wire.disconnect()
         if self._server is not None:
             await self._server.wait_closed()
+        for hub in self._hubs:
+            await hub.close()
 
     async def __aenter__(self) -> Server:
         return self
@@ -113,14 +154,23 @@ class Server:
         await self.close()
 
     # -- routing -----------------------------------------------------------------------
-    def _route(self, request: Request) -> HttpResponse | Callable[[Conn], None]:
+    def _route(self, request: Request) -> HttpResponse | Accept:
         handler = self.routes.get(request.path)
         if handler is None:
             return self._http_get(request.path)
         refusal = self._check_upgrade(request)
         if refusal is not None:
             return refusal
-        return lambda conn: self._open(handler, conn)
+        identity: Any = None
+        if self.auth is not None:
+            try:
+                identity = self.auth(request)
+            except CloseConnection as exc:
+                return _auth_refusal(exc.code)
+            if identity is None:
+                return _auth_refusal(UNAUTHORIZED)
+        headers = (("Sec-WebSocket-Protocol", SUBPROTOCOL),) if SUBPROTOCOL in subprotocols(request) else ()
+        return Accept(lambda conn: self._open(handler, conn, identity), headers)
 
     def _check_upgrade(self, request: Request) -> HttpResponse | None:
         headers = request.headers
@@ -160,8 +210,15 @@ class Server:
         return HttpResponse(404, b"404 Not Found\n")
 
     # -- connections -------------------------------------------------------------------
-    def _open(self, handler: Handler, conn: Conn) -> None:
+    def _open(self, handler: Handler, conn: Conn, identity: Any) -> None:
         self.connections.add(conn)
+        conn.hub = self.hub
+        if self.rate_limit is not None:
+            conn._rate = TokenBucket(self.rate_limit, time.monotonic())
+        if inspect.isawaitable(identity):
+            handler = _authenticated(identity, handler)
+        else:
+            _set_identity(conn, identity)
         task = asyncio.get_running_loop().create_task(self._run(handler, conn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -191,6 +248,39 @@ async def run_handler(handler: Handler, conn: Conn) -> None:
     else:
         conn._start_close(1000, "")
     await conn.wait_closed()
+
+
+def _going_away(spread: float) -> str:
+    return f"going away; retry_after={random.uniform(0.0, spread):.2f}"
+
+
+def _auth_refusal(code: int) -> HttpResponse:
+    if code == UNAUTHORIZED:
+        return HttpResponse(401, b"401 Unauthorized\n")
+    return HttpResponse(403, b"403 Forbidden\n")
+
+
+def _set_identity(conn: Conn, identity: Any) -> None:
+    """Attach the identity; close with 4002 when its credentials expire."""
+    conn.identity = identity
+    expires_at = getattr(identity, "expires_at", None)
+    if expires_at is not None:
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(max(0.0, expires_at - time.time()), conn._start_close, TOKEN_EXPIRED, "token expired")
+        conn._closed.add_done_callback(lambda _: timer.cancel())
+
+
+def _authenticated(pending: Awaitable[Any], handler: Handler) -> Handler:
+    """Run an async ``auth`` after the upgrade, then the handler (4001 when it says no)."""
+
+    async def run(conn: Conn) -> None:
+        identity = await pending
+        if identity is None:
+            raise CloseConnection(UNAUTHORIZED, "unauthorized")
+        _set_identity(conn, identity)
+        await handler(conn)
+
+    return run
 
 
 def _file_response(name: str, body: bytes) -> HttpResponse:
@@ -239,8 +329,17 @@ def serve(
     return _Serve(Server(routes, **settings), host, port, {"ssl": ssl, "reuse_port": reuse_port})
 
 
-def run(routes: Handler | Routes, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully. Uses uvloop when installed."""
+def run(routes: Handler | Routes, host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1, **kwargs: Any) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully. Uses uvloop when installed.
+
+    ``workers=N`` runs N processes on the same port (``tether.workers``); they need a shared
+    ``broker=`` (e.g. ``"redis://127.0.0.1:6379/0"``), else ``ValueError``.
+    """
+    if workers != 1:
+        from .workers import serve_workers
+
+        serve_workers(routes, host, port, workers=workers, **kwargs)
+        return
 
     async def main() -> None:
         async with serve(routes, host, port, **kwargs) as server:
@@ -254,6 +353,18 @@ def run(routes: Handler | Routes, host: str = "127.0.0.1", port: int = 8000, **k
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(main())
+
+
+def _bind_hubs(handlers: Iterable[Handler], hub: Hub) -> list[Hub]:
+    """Give ``hub`` to mounted Apps that have no broker of their own; return every hub in use."""
+    hubs = [hub]
+    for handler in handlers:
+        bind = getattr(handler, "_bind_hub", None)
+        if bind is not None:
+            used = bind(hub)
+            if used not in hubs:
+                hubs.append(used)
+    return hubs
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
