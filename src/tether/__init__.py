@@ -3,10 +3,14 @@
 The public API is exactly ``__all__``; everything else is internal.
 """
 
+from . import auth
 from .app import App
+from .auth import Identity
+from .limits import RateLimit
 from .client import connect
 from .codecs import JSON, Codec, Message
-from .conn import Conn, ConnState, Request
+from .broker import Broker, MemoryBroker, MemoryBus
+from .conn import Conn, ConnState, Overflow, Request, SendStats
 from .errors import (
     CloseConnection,
     ConnectionClosed,
@@ -20,7 +24,9 @@ from .errors import (
 )
 from .server import Handler, Server, run, serve
 from .session import Client, ClientClosed, ConnectionLost, OutboxOverflow
+from .rooms import Hub, Member
 from .stream import ByteStream
+from .workers import serve_workers
 
 __all__ = [
     # Server and client
@@ -31,11 +37,24 @@ __all__ = [
     "Handler",
     "connect",
     "Client",
+    # Security
+    "Identity",
+    "RateLimit",
+    "auth",
     # Connections
     "Conn",
     "ConnState",
     "Request",
     "ByteStream",
+    # Rooms and broadcast (tether.redis_broker.RedisBroker needs tether[redis])
+    "Hub",
+    "Member",
+    "Broker",
+    "MemoryBroker",
+    "MemoryBus",
+    "Overflow",
+    "SendStats",
+    "serve_workers",
     # Codecs
     "Codec",
     "JSON",
