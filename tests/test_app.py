@@ -28,11 +28,14 @@ Start = Callable[[tether.App], Awaitable[str]]
 # -- the two transports ------------------------------------------------------------------
 
 
-async def start_uvicorn(stack: AsyncExitStack, asgi_app: Any) -> int:
-    """Serve ``asgi_app`` with uvicorn on a socket we bound to 127.0.0.1:0; return its port."""
+async def start_uvicorn(stack: AsyncExitStack, asgi_app: Any, ws: str = "auto") -> int:
+    """Serve ``asgi_app`` with uvicorn on a socket we bound to 127.0.0.1:0; return its port.
+
+    ``ws`` picks uvicorn's WebSocket implementation."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(asgi_app, lifespan="off", log_level="warning")
+    stack.callback(sock.close)
+    config = uvicorn.Config(asgi_app, lifespan="off", log_level="warning", ws=ws)
     config.load()
     server = uvicorn.Server(config)
     server.lifespan = config.lifespan_class(config)

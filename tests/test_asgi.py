@@ -122,6 +122,30 @@ async def test_asgi_message_over_max_size_closes_1009(stack: AsyncExitStack) -> 
     assert caught.value.code == 1009
 
 
+# uvicorn's legacy "websockets" implementation is deprecated (and warns), so it is left out.
+@pytest.mark.parametrize("ws", ["websockets-sansio", "wsproto"])
+async def test_asgi_close_codes_on_each_uvicorn_websocket_implementation(stack: AsyncExitStack, ws: str) -> None:
+    app = tether.App()
+    closed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    @app.on("quit")
+    def quit(conn: tether.Conn) -> None:
+        raise tether.CloseConnection(4003, "bye")
+
+    @app.on_disconnect
+    def bye(conn: tether.Conn, code: int, reason: str) -> None:
+        closed.set_result(code)
+
+    port = await start_uvicorn(stack, Starlette(routes=[WebSocketRoute("/ws", app.asgi())]), ws=ws)
+    async with timeout(5), tether.connect(f"ws://127.0.0.1:{port}/ws") as conn:
+        await conn.receive()  # welcome
+        await conn.send('{"type": "quit"}')
+        await conn.wait_closed()
+    assert conn.close_code == 4003
+    async with timeout(5):
+        assert await closed == 4003
+
+
 # -- direct ASGI calls ----------------------------------------------------------------------
 
 

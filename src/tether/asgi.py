@@ -141,6 +141,7 @@ class ASGIWire:
         self._can_read.set()
         self._wakeup = asyncio.Event()
         self._gone = False  # the peer disconnected, or we dropped the connection
+        self._close_sent = False
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
 
@@ -216,6 +217,7 @@ class ASGIWire:
                     self._queue.popleft()
                     self._sent(size)
                     if message["type"] == "websocket.close":
+                        self._close_sent = True
                         self._queue.clear()
                         # Read on: the server reports the end of the handshake as a disconnect.
                         self._can_read.set()
@@ -255,7 +257,9 @@ class ASGIWire:
             elif kind == "websocket.disconnect":
                 self._queue.clear()
                 self._gone = True
-                conn._on_close_frame(message.get("code", 1005), message.get("reason") or "")
+                code = message.get("code", 1005)
+                if not (self._close_sent and code == 1005):  # some servers report 1005 after our close
+                    conn._on_close_frame(code, message.get("reason") or "")
                 self._lost()
                 return
 
