@@ -17,6 +17,7 @@ import asyncio
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -73,7 +74,36 @@ if __name__ == "__main__":
     asyncio.run(main(sys.argv[1:]))
 
 
-# -- the test side: run this app as a child process ---------------------------------------------
+# -- the test side: a page for Chromium, this app as a child process ---------------------------------
+
+PAGE = """<!doctype html>
+<meta charset="utf-8">
+<title>tether reconnect test</title>
+<script type="module">
+  import { connect } from "/tether.js";
+  const ws = new URLSearchParams(location.search).get("ws") ?? "/ws";
+  window.events = [];
+  const client = connect(ws, { backoff: { base: %(base)s, cap: %(cap)s }, requestTimeout: %(request_ms)d });
+  for (const name of ["open", "close", "reconnecting", "reconnected"]) {
+    client.addEventListener(name, (event) => window.events.push({ name, detail: event.detail, at: performance.now() }));
+  }
+  window.client = client;
+</script>
+"""
+
+
+def write_page(directory: Path, *, scale: float = 1.0) -> Path:
+    """Write ``index.html`` into ``directory`` (made if missing) and return ``directory``.
+
+    The page connects to ``?ws=<url>`` (default ``/ws``) with a fast backoff (base 50 ms,
+    cap 0.5 s, times ``scale``); it exposes ``window.client`` and ``window.events``
+    (``{name, detail, at}`` for open, close, reconnecting, reconnected).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    page = PAGE % {"base": 0.05 * scale, "cap": 0.5 * scale, "request_ms": int(10_000 * scale)}
+    (directory / "index.html").write_text(page)
+    return directory
+
 
 APP = __file__
 
