@@ -633,6 +633,12 @@ def machine() -> dict[str, str]:
     with contextlib.suppress(Exception):
         versions.append("ws " + json.loads((BENCH / "node/node_modules/ws/package.json").read_text())["version"])
     info["packages"] = ", ".join(versions)
+    with contextlib.suppress(Exception):
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/tether"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        info["tether"] = f"git {rev}" + (" + uncommitted changes in src/tether" if dirty else "")
     return info
 
 
@@ -851,6 +857,21 @@ def write_report(md_path: Path, text: str) -> None:
 # ------------------------------------------------------------------ main
 
 
+def report_only(raw_path: Path, md_path: Path) -> int:
+    raw = json.loads(raw_path.read_text())
+    mode = Mode(**{k: (list(map(tuple, v)) if k in ("echo_configs", "bcast") else v) for k, v in raw["mode"].items()})
+    tasks = [Task(**{**t, "params": t["params"]}) for t in raw["tasks"]]
+    peers = raw["peers"]
+    summary = summarize(tasks, mode, peers)
+    png = md_path.with_suffix(".png")
+    plot(summary, mode, peers, png)
+    command = "make bench" if not raw["quick"] else "python bench/run.py --quick"
+    write_report(md_path, render(summary, tasks, mode, peers, raw["machine"], png.name, command, raw["started"],
+                                 raw["elapsed_s"]))
+    print(f"wrote {md_path} and {png} from {raw_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few seconds per peer (used by the tests)")
@@ -863,7 +884,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--report-only", type=Path, metavar="RAW_JSON",
+                    help="no measuring: rewrite the report and plot from a raw results file")
     args = ap.parse_args(argv)
+    if args.report_only:
+        return report_only(args.report_only, args.md or ROOT / "docs" / "benchmarks.md")
 
     mode = QUICK if args.quick else FULL
     if args.runs:
