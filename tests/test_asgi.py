@@ -306,3 +306,16 @@ async def test_wire_send_after_peer_left_marks_conn_lost() -> None:
         await conn.wait_closed()
     assert conn.close_code == 1006
     await wire.aclose()
+
+
+async def test_asgi_typed_app_announces_and_sends_heartbeats(stack: AsyncExitStack) -> None:
+    """Under uvicorn pings are uvicorn's; the App still sends heartbeat messages browsers can see."""
+    app = tether.App()
+    route = WebSocketRoute("/ws", app.asgi(heartbeat_interval=0.1, heartbeat_timeout=1.0))
+    port = await start_uvicorn(stack, Starlette(routes=[route]))
+    async with tether.connect(f"ws://127.0.0.1:{port}/ws") as conn:
+        async with timeout(5):
+            welcome = await conn.receive()
+            heartbeat = await conn.receive()
+    assert '"heartbeat":{"interval":0.1,"timeout":1.0}' in welcome
+    assert heartbeat.startswith('{"type":"heartbeat","data":{"t":')

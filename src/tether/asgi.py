@@ -61,16 +61,22 @@ def asgi(
     max_queue: int = 32,
     write_limit: int = 1 << 16,
     close_timeout: float = 5.0,
+    heartbeat_interval: float | None = 20.0,
+    heartbeat_timeout: float | None = 20.0,
 ) -> ASGIApp:
     """Wrap ``handler`` as an ASGI application; see the module docstring.
 
     ``max_message_size`` (bytes, ``None`` = no limit) closes with 1009 when exceeded;
     ``max_queue`` messages buffer before reading pauses; ``write_limit`` bytes of queued
-    outgoing frames pause ``send``; ``close_timeout`` bounds the closing handshake.
+    outgoing frames pause ``send``; ``close_timeout`` bounds the closing handshake;
+    ``heartbeat_interval``/``heartbeat_timeout`` drive a typed App's heartbeat messages
+    (protocol pings are uvicorn's: its ``ws_ping_interval``/``ws_ping_timeout``).
     """
-    return ASGIApp(
+    app = ASGIApp(
         handler, max_message_size=max_message_size, max_queue=max_queue, write_limit=write_limit, close_timeout=close_timeout
     )
+    app.heartbeat = (heartbeat_interval, heartbeat_timeout)
+    return app
 
 
 class ASGIApp:
@@ -86,6 +92,7 @@ class ASGIApp:
         self.max_queue = max_queue
         self.write_limit = write_limit
         self.close_timeout = close_timeout
+        self.heartbeat: tuple[float | None, float | None] = (20.0, 20.0)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -106,6 +113,7 @@ class ASGIApp:
         )
         conn = Conn(wire, request_from_scope(scope), max_queue=self.max_queue, close_timeout=self.close_timeout)
         wire.start(conn)
+        conn._start_keepalive(*self.heartbeat, pings=False)
         try:
             await run_handler(self.handler, conn)
         finally:

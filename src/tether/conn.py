@@ -137,6 +137,7 @@ class Conn:
         #: Heartbeat settings ``(interval, timeout)`` in seconds, announced to typed clients.
         self.keepalive: tuple[float | None, float | None] = (None, None)
         self._app_heartbeat = False
+        self._pings = True
         self._heartbeat_sent: float | None = None
         #: The rooms hub this connection joins rooms through (set by the server or App).
         self.hub: Hub | None = None
@@ -258,9 +259,14 @@ class Conn:
         self._last_write = _now()
 
     # -- keepalive ---------------------------------------------------------------------
-    def _start_keepalive(self, interval: float | None, timeout: float | None) -> None:
-        """Ping every ``interval`` seconds; close with 1011 if a pong takes over ``timeout``."""
+    def _start_keepalive(self, interval: float | None, timeout: float | None, *, pings: bool = True) -> None:
+        """Ping every ``interval`` seconds; close with 1011 if a pong takes over ``timeout``.
+
+        ``pings=False`` keeps only the heartbeat timing, for transports that ping by
+        themselves (uvicorn under ASGI).
+        """
         self.keepalive = (interval, timeout)
+        self._pings = pings
         if interval is None:
             return
         now = _now()
@@ -291,7 +297,10 @@ class Conn:
             self._on_keepalive_timeout()
             return
         if action == "ping":
-            self._wire.ping(pinger.payload)
+            if self._pings:
+                self._wire.ping(pinger.payload)
+            else:
+                pinger.pong(pinger.payload, now)
         if self._app_heartbeat and heartbeat_due(now, self._last_write, pinger.interval):
             # Browsers cannot see pings and some proxies only count data frames.
             self._heartbeat_sent = now
