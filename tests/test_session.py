@@ -202,6 +202,17 @@ async def test_client_outbox_overflow_drops_oldest_and_fails_dropped_request(ser
             assert await client.request("log") == [0, 1, 2]
 
 
+async def test_client_outbox_size_zero_fails_request_at_once_while_down():
+    async with tether.Client(ws(free_port()), outbox_size=0, backoff=fast_backoff()) as client:
+        events = ClientEvents(client)
+        async with timeout(5):
+            await events.wait("reconnecting")
+            client.send("append", 1)
+            with pytest.raises(tether.OutboxOverflow):
+                await client.request("add", {"a": 1, "b": 1}, timeout=None)
+    assert len(events.of("outboxoverflow")) == 2
+
+
 async def test_client_request_times_out_with_timeout_error(servers):
     probe = Probe()
     server = await servers.start(probe_app(probe))

@@ -126,7 +126,7 @@ class Client:
 
     def add_listener(self, event: str, fn: Callable[..., Any]) -> None:
         """Events: ``open``, ``reconnected``, ``close(code, reason)``, ``reconnecting(attempt, delay)``,
-        ``outboxoverflow(type)``."""
+        ``outboxoverflow()`` (the outbox dropped its oldest message)."""
         self._listeners.setdefault(event, []).append(fn)
 
     def send(self, type: str, data: Any = None) -> None:
@@ -310,14 +310,13 @@ class Client:
                 return
         if self.state == "closed":
             raise ClientClosed("client is closed")
-        if self._outbox_size <= 0:
-            return
-        if len(self._outbox) >= self._outbox_size:
-            _, dropped = self._outbox.popleft()
-            if dropped is not None and dropped in self._pending:
-                self._pending[dropped].set_exception(OutboxOverflow("dropped from the full outbox"))
-            self._emit("outboxoverflow")
         self._outbox.append((payload, id))
+        if len(self._outbox) > self._outbox_size:  # full (or size 0): drop the oldest, as tether.js
+            _, dropped = self._outbox.popleft()
+            future = self._pending.get(dropped) if dropped is not None else None
+            if future is not None and not future.done():
+                future.set_exception(OutboxOverflow("dropped from the full outbox"))
+            self._emit("outboxoverflow")
 
     def _flush(self, conn: Conn) -> None:
         while self._outbox and self._conn is conn:
