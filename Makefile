@@ -98,7 +98,7 @@ autobahn-env: $(VENV_STAMP)
 test: venv deps autobahn-env node-deps test-js
 	$(PYTEST)
 
-test-fast: venv node-deps test-js
+test-fast: venv deps autobahn-env node-deps test-js
 	$(PYTEST) -m "not slow"
 
 # TypeScript compiler and the AsyncAPI parser that check `tether schema` output (tests/ts).
