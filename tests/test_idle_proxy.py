@@ -115,7 +115,7 @@ async def test_client_through_idle_proxy_without_heartbeat_is_cut_and_reconnects
             await events.wait("reconnected")
             assert await client.request("add", {"a": 1, "b": 2}) == 3
     assert code == 1006
-    assert cut - opened >= IDLE
+    assert cut - opened >= IDLE - 0.1 * S  # (the proxy's clock started at the welcome, just before)
     assert proxy.cuts >= 1 and proxy.accepted >= 2
 
 
