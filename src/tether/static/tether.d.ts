@@ -60,6 +60,15 @@ export interface ConnectOptions {
    */
   params?: Params | (() => Params | Promise<Params>);
   /**
+   * A credential sent as the subprotocol `token.<token>` next to `tether` (the server's
+   * `tether.auth.token()` reads it and the 101 selects `tether`); keeps it out of URLs and
+   * access logs. A function is called again before EVERY (re)connect, like `params` (e.g. a
+   * fresh token after a 4002 "token expired" close); it may return a Promise. The token must
+   * consist of HTTP token characters (JWTs and base64url do). null = offer no subprotocol.
+   * Default null.
+   */
+  token?: string | null | (() => string | null | Promise<string | null>);
+  /**
    * Messages (and requests) kept while not connected, flushed in order on (re)connect.
    * When full, the OLDEST is dropped, a dropped request rejects with "OutboxOverflow", and an
    * "outboxoverflow" event fires. 0 = never queue. Default 100.
@@ -72,7 +81,7 @@ export interface ConnectOptions {
   /** Reconnect at once (skipping backoff) on `visibilitychange` to visible and on `online`. Default true. */
   reconnectOnWake?: boolean;
   /** WebSocket class to use. Default `globalThis.WebSocket`. */
-  WebSocket?: new (url: string) => WebSocketLike;
+  WebSocket?: new (url: string, protocols?: string[]) => WebSocketLike;
 }
 
 export type ClientState = "connecting" | "open" | "reconnecting" | "closed";

@@ -20,6 +20,8 @@
 /** Close codes after which reconnecting cannot help: rate limited, auth rejected, forbidden. */
 const NO_RECONNECT_CODES = new Set([1008, 4001, 4003]);
 const SECONDS = /^[0-9]+(?:\.[0-9]+)?$/;
+/** The subprotocol a tether server selects; offered with `token.<token>` when a token is set. */
+const SUBPROTOCOL = "tether";
 
 /**
  * Delay in seconds before retry number `attempt` (0 = first retry), "full jitter":
@@ -149,7 +151,7 @@ function reportError(error) {
  * that match no request, "outboxoverflow" when the outbox drops its oldest message.
  */
 export class TetherClient extends EventTarget {
-  #url; #params; #WebSocket; #outboxSize; #requestTimeout; #backoff;
+  #url; #params; #token; #WebSocket; #outboxSize; #requestTimeout; #backoff;
   #ws = null;
   #state = "connecting";
   #everOpened = false;
@@ -170,10 +172,11 @@ export class TetherClient extends EventTarget {
   /** @param {string | URL} url @param {import("./tether.d.ts").ConnectOptions} [options] */
   constructor(url, options = {}) {
     super();
-    const { params = {}, outboxSize = 100, requestTimeout = 10000, backoff = {} } = options;
+    const { params = {}, token = null, outboxSize = 100, requestTimeout = 10000, backoff = {} } = options;
     if (!(Number.isInteger(outboxSize) && outboxSize >= 0)) throw new RangeError("outboxSize must be an integer >= 0");
     this.#url = new URL(url, globalThis.location?.href); // throws now on a bad URL, not on every retry
     this.#params = typeof params === "function" ? params : () => params;
+    this.#token = typeof token === "function" ? token : () => token;
     this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this.#outboxSize = outboxSize;
     this.#requestTimeout = requestTimeout;
@@ -245,17 +248,19 @@ export class TetherClient extends EventTarget {
   // -- connecting
 
   #open() {
-    let params;
+    let params, token;
     try {
       params = this.#params();
+      token = this.#token();
     } catch (error) {
       return this.#failOpen(error);
     }
-    if (typeof params?.then === "function") params.then((p) => this.#dial(p), (e) => this.#failOpen(e));
-    else this.#dial(params);
+    if (typeof params?.then === "function" || typeof token?.then === "function") {
+      Promise.all([params, token]).then(([p, t]) => this.#dial(p, t), (e) => this.#failOpen(e));
+    } else this.#dial(params, token);
   }
 
-  #dial(params) {
+  #dial(params, token) {
     if (this.#state === "closed") return;
     const url = new URL(this.#url);
     if (url.protocol === "http:" || url.protocol === "https:") url.protocol = url.protocol === "http:" ? "ws:" : "wss:";
@@ -264,7 +269,9 @@ export class TetherClient extends EventTarget {
     }
     let ws;
     try {
-      ws = new this.#WebSocket(url.href);
+      // Browsers cannot set headers: the token travels as a second subprotocol, which
+      // (unlike a query parameter) stays out of access logs. The server selects "tether".
+      ws = token == null ? new this.#WebSocket(url.href) : new this.#WebSocket(url.href, [SUBPROTOCOL, `token.${token}`]);
     } catch (error) {
       return this.#failOpen(error);
     }
