@@ -415,6 +415,41 @@ async def test_client_wake_skips_backoff(servers):
             await client.wait_open()
 
 
+@pytest.mark.slow  # ~10 s: 500 clients in asyncio debug mode, and the kernel's SYN retries once
+# the restarted server's accept backlog (100) overflows
+async def test_reconnect_storm_500_clients_dropped_at_once_spread_out(servers):
+    """A deploy drops everyone at once: full jitter must spread the comebacks (default schedule)."""
+    n = 500
+    server = await servers.start(make_app(), ping_interval=None)
+    port = server.port
+    clients = [tether.Client(ws(port), ping_interval=None) for _ in range(n)]
+    back: list[float] = []
+    all_back = asyncio.Event()
+
+    def reconnected() -> None:
+        back.append(time.monotonic())
+        if len(back) == n:
+            all_back.set()
+
+    for client in clients:
+        client.add_listener("reconnected", reconnected)
+        client.start()
+    try:
+        async with timeout(60):
+            await asyncio.gather(*(client.wait_open() for client in clients))
+            await server.close()  # 1001 "going away", no retry_after
+            dropped = time.monotonic()
+            await servers.start(make_app(), port, ping_interval=None)
+            await all_back.wait()
+    finally:
+        await asyncio.gather(*(client.close() for client in clients))
+    back.sort()
+    densest = max(sum(1 for t in back if start <= t < start + 0.1) for start in back)
+    assert densest < n / 2, f"{densest} of {n} clients came back within the same 100 ms"
+    assert back[-1] - back[0] >= 0.3  # the first retry's window is 0.5 s wide
+    assert back[0] - dropped < 0.5
+
+
 # -- keepalive: the client detects a dead server ----------------------------------------------------------
 
 
