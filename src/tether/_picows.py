@@ -267,6 +267,8 @@ async def open_connection(
     except (_PicowsError, asyncio.TimeoutError) as exc:
         status = getattr(getattr(exc, "response", None), "status", 0)
         raise InvalidHandshake(f"server refused the WebSocket upgrade: {exc}", int(status or 0)) from None
-    assert isinstance(listener, _Listener) and listener.conn is not None
+    if not isinstance(listener, _Listener) or listener.conn is None:
+        # picows returns normally when the peer closed TCP before answering (e.g. ws:// to a TLS port).
+        raise InvalidHandshake("connection closed during the WebSocket handshake", 0)
     return listener.conn
 
