@@ -18,7 +18,7 @@ import pytest
 
 import tether
 from conftest import TIMEOUT_SCALE, ServerFactory, assert_serves, echo, timeout, url
-from rawws import OP_BINARY, OP_CLOSE, OP_TEXT, RawWS, close_payload
+from rawws import OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, RawWS, close_payload
 
 # -- max_message_size ------------------------------------------------------------------------
 
@@ -355,3 +355,32 @@ async def test_typed_app_receives_bad_message_error_reply_and_stays_open(app_ser
     assert json.loads(reply) == {"type": "reply", "data": 6, "id": 5}
     await ws.aclose()
     await assert_app_serves(app_server)
+
+
+# -- ping flood -------------------------------------------------------------------------------
+
+
+def rss() -> int:
+    """Resident set size of this process (the server runs in it) in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+async def test_server_20000_pings_whose_pongs_are_never_read_memory_bounded(echo_server: tether.Server) -> None:
+    """[5.5.2] 20,000 pings of 125 bytes from a client that never reads its pongs: the server
+    stays responsive to others and its memory grows by no more than a few MiB (the pongs
+    waiting in its write buffer: 20,000 x 127 bytes = 2.4 MiB at most)."""
+    ws = await RawWS.open(echo_server.port, rcvbuf=4096)
+    assert ws.status == 101
+    before = rss()
+    payload = b"p" * 125
+    frames = [ws.frame(OP_PING, payload) for _ in range(1000)]
+    for _ in range(20):
+        ws.writer.write(b"".join(frames))
+        async with timeout(10):
+            await ws.writer.drain()
+        await assert_serves(echo_server)
+    grown = rss() - before
+    assert grown < 16 << 20, f"RSS grew by {grown >> 20} MiB"
+    ws.abort()
+    await assert_serves(echo_server)
