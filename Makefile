@@ -10,6 +10,8 @@
 #   make demo          examples/hello on http://127.0.0.1:8000
 #   make clean
 
+# Every recipe runs as ONE bash script with -eu -o pipefail (.ONESHELL): a failing line stops it,
+# and a `cd` carries over to the lines after it (use a subshell: `(cd dir && ...)`).
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .ONESHELL:
@@ -105,7 +107,7 @@ test-fast: venv deps autobahn-env node-deps test-js
 node-deps: tests/ts/node_modules/.installed
 
 tests/ts/node_modules/.installed: tests/ts/package-lock.json
-	cd tests/ts && npm ci --no-audit --no-fund --loglevel=error
+	(cd tests/ts && npm ci --no-audit --no-fund --loglevel=error)
 	touch $@
 
 test-js:
