@@ -655,7 +655,8 @@ def plot(summary: dict[str, Any], mode: Mode, peers: list[str], path: Path) -> N
     import matplotlib.pyplot as plt
 
     rps_ids = [s["id"] for s in figure_specs(mode) if s["id"].startswith("rps_")]
-    fig, ax = plt.subplots(figsize=(12, 5.5))
+    fig, ax = plt.subplots(figsize=(13, 5.5))
+    cmap = plt.get_cmap("tab20")
     width = 0.8 / max(1, len(peers))
     for i, peer in enumerate(peers):
         meds, lo, hi = [], [], []
@@ -666,13 +667,14 @@ def plot(summary: dict[str, Any], mode: Mode, peers: list[str], path: Path) -> N
             lo.append((m - row.get("min", m)) / 1000)
             hi.append((row.get("max", m) - m) / 1000)
         xs = [j + i * width for j in range(len(rps_ids))]
-        ax.bar(xs, meds, width, yerr=[lo, hi], capsize=2, label=PEERS[peer].label,
+        ax.bar(xs, meds, width, yerr=[lo, hi], capsize=2, label=PEERS[peer].label, color=cmap(i % 20),
+               hatch="//" if PEERS[peer].proto == "tcp" else None,
                edgecolor="black" if peer == BASELINE else None, linewidth=1.5 if peer == BASELINE else 0)
     ax.set_xticks([j + width * (len(peers) - 1) / 2 for j in range(len(rps_ids))])
     ax.set_xticklabels([summary[f]["spec"]["title"].replace("rt/s ", "") for f in rps_ids])
     ax.set_ylabel("round trips / s (thousands), median of runs; bars = min..max")
     ax.set_title("Typed JSON echo: server on one core, Go load generator on the other")
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
