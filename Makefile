@@ -38,7 +38,7 @@ WSTEST_PINS := autobahntestsuite==25.10.1 txaio==2.1.0 incremental==16.10.1 pyOp
 .PHONY: help venv deps autobahn-env node-deps test test-fast test-js demo clean
 
 help:
-	@sed -n '3,11s/^# \{0,1\}//p' Makefile
+	@sed -n '4,11s/^# \{0,1\}//p' Makefile
 
 # ---------------------------------------------------------------------------------------------
 # Environment
@@ -145,6 +145,6 @@ bench-quick: $(BENCH_STAMP)
 # ---------------------------------------------------------------------------------------------
 
 clean:
-	rm -rf $(VENV) $(TOOLS) reports build .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(TOOLS) reports build .pytest_cache .mypy_cache tests/ts/node_modules
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	find . -name '*.egg-info' -type d -prune -exec rm -rf {} +
