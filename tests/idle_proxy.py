@@ -4,7 +4,7 @@
   from upstream to the client for more than ``idle_timeout`` seconds. Bytes from the client
   do not count, as in nginx: only reads from the upstream reset the timer.
 - **Blackhole**: :meth:`IdleProxy.blackhole` makes the connections open at that moment stop
-  forwarding in both directions while their TCP connections stay open (a dead server behind a
+  forwarding in both directions (closes included) while their TCP connections stay open (a dead server behind a
   proxy, or a network path that silently drops packets). Connections made afterwards are
   forwarded normally, so a client that gives up and reconnects gets through.
 
@@ -67,7 +67,7 @@ class _Pipe:
                 await writer.drain()
         except (ConnectionError, OSError):
             pass
-        finally:
+        if not self.blackholed:  # a blackhole hides even a close: the other side never learns
             self.close()
 
     def close(self) -> None:
