@@ -72,11 +72,14 @@ async def test_proxy_cuts_connection_when_only_the_client_talks(stack):
     """Client -> upstream bytes do not keep a connection open, as with nginx."""
     _, proxy = await stack(idle_timeout=0.3 * S, ping_interval=None)
     sent = 0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     async with tether.connect(f"ws://127.0.0.1:{proxy.port}/ws", ping_interval=None) as conn:
         async with timeout(5):
             while not proxy.cut.is_set():
                 await conn.send('{"type": "append", "data": 1}')  # one-way: no answer comes back
                 sent += 1
+                last_send = loop.time()
                 try:
                     await asyncio.wait_for(proxy.cut.wait(), 0.03 * S)
                 except TimeoutError:
@@ -84,7 +87,8 @@ async def test_proxy_cuts_connection_when_only_the_client_talks(stack):
             with pytest.raises(tether.ConnectionClosed):
                 while True:
                     await conn.receive()
-    assert sent >= 5  # it kept talking for the whole idle timeout, and was cut anyway
+    # It kept talking until past the idle timeout, and was cut anyway.
+    assert sent >= 2 and last_send - started >= 0.3 * S * 0.9
     assert proxy.cuts == 1
 
 

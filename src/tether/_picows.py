@@ -11,7 +11,7 @@ import asyncio
 import logging
 import ssl as ssl_module
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import parse_qsl, urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
@@ -39,6 +39,7 @@ logger = logging.getLogger("tether")
 _MSG_TYPE = {OP_TEXT: WSMsgType.TEXT, OP_BINARY: WSMsgType.BINARY}
 _TEXT = WSMsgType.TEXT
 _PONG = WSMsgType.PONG
+_PING = WSMsgType.PING
 _DATA_OR_CLOSE = (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.CLOSE)
 
 
@@ -66,6 +67,19 @@ class TransportSettings:
     max_send_queue: int | None = 256
     send_overflow: str = "drop_oldest"
 
+
+class _PeerErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """picows logs a peer's protocol errors at ERROR; they are the peer's fault, not ours:
+    INFO keeps hostile clients from flooding the server's error log."""
+
+    def error(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self.info(msg, *args, **kwargs)
+
+    def exception(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self.warning(msg, *args, **kwargs)
+
+
+_PICOWS_LOG = _PeerErrorLog(logging.getLogger("tether.transport"), {})
 
 OnOpen = Callable[[Conn], None]
 
@@ -128,9 +142,13 @@ class _Listener(WSListener):  # type: ignore[misc]
             conn._on_data(text)
             return
         if msg_type not in _DATA_OR_CLOSE:
-            if msg_type is _PONG:
+            if rsv:
+                conn._on_fail(1002, "reserved bits set")  # RFC 6455 section 5.2
+            elif msg_type is _PING:
+                conn._on_ping(frame.get_payload_as_bytes())
+            else:
                 conn._on_pong(frame.get_payload_as_bytes())
-            return  # pings are answered by picows
+            return
         event = self._receiver.receive_frame(msg_type.value, frame.fin, rsv, frame.get_payload_as_bytes())
         if event is None:
             return
@@ -142,8 +160,14 @@ class _Listener(WSListener):  # type: ignore[misc]
             conn._on_fail(event.code, event.reason)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        if self.conn is not None:
-            self.conn._on_lost()
+        conn = self.conn
+        if conn is None:
+            return
+        handshake = transport.close_handshake
+        if conn.close_code is None and handshake is not None and handshake.sent is not None:
+            # picows failed the connection itself (e.g. an unmasked frame): record its code.
+            conn.close_code, conn.close_reason = int(handshake.sent.code), handshake.sent.reason
+        conn._on_lost()
 
     def pause_writing(self) -> None:
         if self.conn is not None:
@@ -173,6 +197,10 @@ class _Listener(WSListener):  # type: ignore[misc]
     def ping(self, payload: bytes) -> None:
         assert self._transport is not None
         self._transport.send_ping(payload)
+
+    def pong(self, payload: bytes) -> None:
+        assert self._transport is not None
+        self._transport.send_pong(payload)
 
     def pause_reading(self) -> None:
         if self._raw is not None and not self._raw.is_closing():
@@ -236,7 +264,8 @@ async def create_server(
         websocket_handshake_timeout=settings.handshake_timeout,
         max_frame_size=size if size is not None else 1 << 62,
         read_buffer_init_size=settings.read_buffer_size,
-        logger_name="tether",
+        logger_name=_PICOWS_LOG,
+        enable_auto_pong=False,  # Conn answers pings: coalesced while the peer is not reading
         ssl=ssl,
         reuse_port=reuse_port or None,
     )
@@ -262,7 +291,8 @@ async def open_connection(
             max_frame_size=size if size is not None else 1 << 62,
             extra_headers=headers,
             read_buffer_init_size=settings.read_buffer_size,
-            logger_name="tether",
+            logger_name=_PICOWS_LOG,
+            enable_auto_pong=False,  # Conn answers pings: coalesced while the peer is not reading
         )
     except (_PicowsError, asyncio.TimeoutError) as exc:
         status = getattr(getattr(exc, "response", None), "status", 0)

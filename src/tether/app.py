@@ -323,11 +323,7 @@ class App:
 
     def _resume(self, conn: Conn) -> None:
         """Handle messages that queued while the connection was busy, in order."""
-        while conn._on_message is not None:
-            message = conn._take_pending()
-            if message is None:
-                return
-            self._on_message(conn, message)
+        conn._dispatch_pending()
 
     async def _run_task(self, conn: Conn, route: Route, data: Any, id: _Id) -> None:
         try:

@@ -186,6 +186,9 @@ class ASGIWire:
     def ping(self, payload: bytes) -> None:
         """ASGI has no ping event: the ASGI server runs its own keepalive (uvicorn ``ws_ping_*``)."""
 
+    def pong(self, payload: bytes) -> None:
+        """The ASGI server answers pings itself."""
+
     def pause_reading(self) -> None:
         self._can_read.clear()
 

@@ -66,6 +66,7 @@ class Wire(Protocol):
     def write(self, opcode: int, payload: bytes) -> None: ...
     def write_close(self, code: int, reason: str) -> None: ...
     def ping(self, payload: bytes) -> None: ...
+    def pong(self, payload: bytes) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def disconnect(self) -> None: ...
@@ -138,6 +139,7 @@ class Conn:
         self.keepalive: tuple[float | None, float | None] = (None, None)
         self._app_heartbeat = False
         self._pings = True
+        self._pending_pong: bytes | None = None
         self._heartbeat_sent: float | None = None
         #: The rooms hub this connection joins rooms through (set by the server or App).
         self.hub: Hub | None = None
@@ -357,9 +359,11 @@ class Conn:
         if self._rate is not None and not self._rate.allow(_now()):
             self._rate_limited()
             return
-        if self._on_message is not None:
+        if self._on_message is not None and not self._write_paused:
             self._on_message(self, message)
             return
+        # Queue it: for a handler's receive(), or for an App that cannot write right now
+        # (its replies would pile up in memory); a full inbox stops reading from the peer.
         self._inbox.append(message)
         if self._receiver is not None and not self._receiver.done():
             self._receiver.set_result(None)
@@ -424,10 +428,29 @@ class Conn:
         self._write_paused = False
         if self._send_queue:
             self._flush_send_queue()
+        if self._pending_pong is not None:
+            self._wire.pong(self._pending_pong)
+            self._pending_pong = None
+        self._dispatch_pending()
         self._update_reading()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         self._drain = None
+
+    def _dispatch_pending(self) -> None:
+        """Hand queued messages to the App's callback, in order, while it can write."""
+        while self._on_message is not None and not self._write_paused:
+            message = self._take_pending()
+            if message is None:
+                return
+            self._on_message(self, message)
+
+    def _on_ping(self, payload: bytes) -> None:
+        """Answer a ping; while the peer is not reading, keep only the latest [5.5.3]."""
+        if self._write_paused:
+            self._pending_pong = payload
+        elif self.state is ConnState.OPEN:
+            self._wire.pong(payload)
 
     def _update_reading(self) -> None:
         """Stop reading while the inbox is full; the peer then slows.

@@ -161,6 +161,9 @@ class MemoryWire:
         if on_pong is not None:
             asyncio.get_running_loop().call_soon(on_pong, payload)
 
+    def pong(self, payload: bytes) -> None:
+        """No pings cross a memory wire."""
+
     def pause_reading(self) -> None:
         self._in.set_reading(False)
 
