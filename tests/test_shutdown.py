@@ -109,6 +109,9 @@ async def test_server_signal_drains_closes_1001_with_spread_retry_after_and_exit
         busy = clients[0]
         await busy.send(json.dumps({"type": "slow", "data": 0.5, "id": 2}))
         assert await receive_json(busy) == {"type": "started", "data": 0.5}  # the handler is awaiting
+        overlapping = clients[1]
+        await overlapping.send(json.dumps({"type": "slow_concurrent", "data": 0.9, "id": 3}))
+        assert await receive_json(overlapping) == {"type": "started", "data": 0.9}
 
         signalled = time.monotonic()
         server.signal(sig)
@@ -123,7 +126,8 @@ async def test_server_signal_drains_closes_1001_with_spread_retry_after_and_exit
 
     # The in-flight request got its reply before the close; the others got nothing more.
     assert outcomes[0][0] == [{"type": "reply", "data": "done after 0.5", "id": 2}]
-    assert all(messages == [] for messages, _ in outcomes[1:])
+    assert outcomes[1][0] == [{"type": "reply", "data": "concurrent done after 0.9", "id": 3}]
+    assert all(messages == [] for messages, _ in outcomes[2:])
     assert 0.5 <= closed_after < SHUTDOWN_TIMEOUT
     delays = []
     for _, closed in outcomes:

@@ -239,7 +239,7 @@ class App:
             _heartbeat(conn, envelope.data)
             return
         if route.concurrent:
-            asyncio.get_running_loop().create_task(self._run_task(conn, route, envelope.data, envelope.id))
+            _track(conn, asyncio.get_running_loop().create_task(self._run_task(conn, route, envelope.data, envelope.id)))
             return
         try:
             result = route.fn(conn, envelope.data) if route.takes_data else route.fn(conn)
@@ -302,9 +302,7 @@ class App:
     def _suspend(self, conn: Conn, coro: Any, yielded: Any, id: _Id) -> None:
         """Finish a suspended handler in a task; hold the connection's next messages until then."""
         conn._on_message = None  # messages now queue in conn's inbox, with backpressure
-        task = asyncio.get_running_loop().create_task(self._finish(conn, _Resume(coro, yielded), id))
-        conn.assigns.setdefault("_tether_tasks", set()).add(task)
-        task.add_done_callback(conn.assigns["_tether_tasks"].discard)
+        _track(conn, asyncio.get_running_loop().create_task(self._finish(conn, _Resume(coro, yielded), id)))
 
     async def _finish(self, conn: Conn, resume: _Resume, id: _Id) -> None:
         try:
@@ -380,6 +378,13 @@ def _heartbeat(conn: Conn, data: Any) -> None:
         conn._write(OP_TEXT, encode_message("heartbeat", data))
     except ConnectionClosed:
         pass
+
+
+def _track(conn: Conn, task: asyncio.Task[None]) -> None:
+    """Remember a running handler: graceful shutdown waits for it to send its reply."""
+    tasks: set[asyncio.Task[None]] = conn.assigns.setdefault("_tether_tasks", set())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 def _send_error(conn: Conn, id: _Id, code: str, message: str, path: str | None = None) -> None:

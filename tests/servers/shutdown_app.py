@@ -36,6 +36,12 @@ def make_app() -> tether.App:
         await asyncio.sleep(seconds)  # the work the shutdown must wait for
         return f"done after {seconds}"
 
+    @app.on("slow_concurrent", concurrent=True)
+    async def slow_concurrent(conn: tether.Conn, seconds: float) -> str:
+        await conn.emit("started", seconds)
+        await asyncio.sleep(seconds)
+        return f"concurrent done after {seconds}"
+
     return app
 
 
