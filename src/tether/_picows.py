@@ -283,7 +283,7 @@ async def open_connection(
     request = _request_from(urlsplit(url).path or "/", CIMultiDict())
     size = settings.max_message_size
     try:
-        _, listener = await ws_connect(
+        transport, listener = await ws_connect(
             lambda: _Listener(request, None, settings, is_client=True),
             url,
             ssl_context=ssl,
@@ -300,5 +300,13 @@ async def open_connection(
     if not isinstance(listener, _Listener) or listener.conn is None:
         # picows returns normally when the peer closed TCP before answering (e.g. ws:// to a TLS port).
         raise InvalidHandshake("connection closed during the WebSocket handshake", 0)
+    # picows stores the protocol error that ended a client connection in a future nobody
+    # awaits; Conn already knows the close code, so retrieve (and drop) it.
+    asyncio.ensure_future(transport.wait_disconnected()).add_done_callback(_retrieve)
     return listener.conn
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 

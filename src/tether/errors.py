@@ -4,7 +4,7 @@
 
     TetherError
     ├── ConnectionClosed          the connection is closed (code, reason)
-    │   ├── ConnectionClosedOK        ... with 1000 or 1001: a normal end
+    │   ├── ConnectionClosedOK        ... with 1000, 1001 or 1005: a normal end
     │   └── ConnectionClosedError     ... any other way (protocol error, 1006, ...)
     │       └── KeepaliveTimeout          the peer stopped answering pings
     ├── InvalidHandshake          the client's upgrade was refused (status)
@@ -53,11 +53,11 @@ class ConnectionClosed(TetherError):
 
 
 class ConnectionClosedOK(ConnectionClosed):
-    """The connection closed normally (1000 or 1001)."""
+    """The connection closed normally (1000, 1001, or a close frame with no code: 1005)."""
 
 
 class ConnectionClosedError(ConnectionClosed):
-    """The connection closed abnormally (any code other than 1000 and 1001)."""
+    """The connection closed abnormally (any code other than 1000, 1001 and 1005)."""
 
 
 class KeepaliveTimeout(ConnectionClosedError):
@@ -119,7 +119,7 @@ class CloseConnection(TetherError):
 
 def closed_error(code: int, reason: str) -> ConnectionClosed:
     """The right ``ConnectionClosed`` subclass for a close code."""
-    if code in (1000, 1001):
+    if code in (1000, 1001, 1005):  # 1005: a close frame without a code, also normal
         return ConnectionClosedOK(code, reason)
     if code == 1011 and reason == KEEPALIVE_REASON:
         return KeepaliveTimeout(code, reason)
