@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +114,9 @@ class AppProcess:
 
 
 @pytest.fixture
-def app_processes() -> Iterator[Callable[..., AppProcess]]:
-    """``start(broker, *args)`` -> an :class:`AppProcess`, stopped at teardown."""
+async def app_processes() -> AsyncIterator[Callable[..., AppProcess]]:
+    """``start(broker, *args)`` -> an :class:`AppProcess`; at teardown the test's peers
+    close first (so the servers' graceful shutdown is quick), then every process stops."""
     started: list[AppProcess] = []
 
     def start(broker: str, *args: str, port: int | None = None) -> AppProcess:
@@ -124,6 +125,7 @@ def app_processes() -> Iterator[Callable[..., AppProcess]]:
         return proc
 
     yield start
+    await _close_all_peers()
     for proc in started:
         proc.stop()
 
@@ -132,10 +134,13 @@ class Peer:
     """A typed client: ``request`` waits for its reply; other messages go to ``events``."""
 
     _ids = itertools.count(1)
+    #: Every peer opened, closed by the ``close_peers`` fixture.
+    opened: list[Peer] = []
 
     def __init__(self, conn: tether.Conn) -> None:
         self.conn = conn
         self.events: list[dict[str, Any]] = []
+        Peer.opened.append(self)
 
     @classmethod
     async def open(cls, url: str, **query: str) -> Peer:
@@ -172,7 +177,24 @@ class Peer:
             self.events.append(message)
 
     async def close(self) -> None:
-        await self.conn.close()
+        """Close; drop TCP if the server does not answer within a second (it may be dead)."""
+        try:
+            await asyncio.wait_for(self.conn.close(), 1.0)
+        except (asyncio.TimeoutError, tether.ConnectionClosed):
+            self.conn._wire.disconnect()
+            await self.conn.wait_closed()
+
+
+@pytest.fixture(autouse=True)
+async def close_peers() -> AsyncIterator[None]:
+    """Close every :class:`Peer` a test opened (import this fixture into the test module)."""
+    yield
+    await _close_all_peers()
+
+
+async def _close_all_peers() -> None:
+    peers, Peer.opened = Peer.opened, []
+    await asyncio.gather(*(peer.close() for peer in peers))
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
@@ -193,4 +215,4 @@ async def open_peers(url: str, n: int, prefix: str = "p", **query: str) -> list[
     return peers
 
 
-__all__ = ["RedisServer", "AppProcess", "Peer", "eventually", "free_port", "redis_server", "app_processes", "open_peers"]
+__all__ = ["RedisServer", "AppProcess", "Peer", "eventually", "free_port", "redis_server", "app_processes", "open_peers", "close_peers"]

@@ -19,7 +19,7 @@ from tether.conn import Conn, Request
 from tether.protocol import OP_BINARY, OP_TEXT
 from tether.rooms import encode_frame, encode_room_message, frame_header, pack, unpack
 from tests.conftest import ServerFactory, timeout, url
-from tests.redis_fixture import AppProcess, Peer, app_processes, eventually, open_peers  # noqa: F401
+from tests.redis_fixture import AppProcess, Peer, app_processes, close_peers, eventually, open_peers  # noqa: F401
 from tests.rawws import RawWS
 
 # -- frames: RFC 6455 section 5.2, bytes only ---------------------------------------------

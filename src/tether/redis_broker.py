@@ -32,7 +32,7 @@ import enum
 import logging
 import random
 from collections import deque
-from typing import Any
+from typing import Any, Coroutine, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 try:
@@ -51,6 +51,7 @@ __all__ = ["RedisBroker", "LinkState"]
 logger = logging.getLogger("tether.redis")
 
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+T = TypeVar("T")
 
 
 class LinkState(enum.Enum):
@@ -115,7 +116,11 @@ class RedisBroker(Broker):
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
         self._outbox: deque[tuple[bytes, bytes]] = deque()
         self._wake = asyncio.Event()
+        # Presence writes go one at a time: a heartbeat rewriting a snapshot taken before a
+        # join would otherwise erase that join in Redis.
+        self._presence_lock = asyncio.Lock()
         self._run_task: asyncio.Task[None] | None = None
+        self._session_over = False
         self._first: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
@@ -153,7 +158,7 @@ class RedisBroker(Broker):
         self.state = LinkState.CLOSED
         if self._run_task is not None:
             self._run_task.cancel()
-            await asyncio.gather(self._run_task, return_exceptions=True)
+            await asyncio.wait([self._run_task], timeout=self.command_timeout)
         if self._client is None:
             return
         if was_up and self._synced:
@@ -222,15 +227,20 @@ class RedisBroker(Broker):
 
     async def _supervise(self, pubsub: Any) -> None:
         loop = asyncio.get_running_loop()
+        self._session_over = False
         tasks = [loop.create_task(c) for c in (self._read(pubsub), self._heartbeat(), self._publisher())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # raises the failure that ended the session
         finally:
+            # redis-py can swallow a cancellation that lands inside a pipeline: the loops
+            # also check _session_over, and we never wait for them without a bound.
+            self._session_over = True
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            self._wake.set()
+            await asyncio.wait(tasks, timeout=self.command_timeout)
 
     def _lost(self) -> None:
         self._release_first()
@@ -249,7 +259,7 @@ class RedisBroker(Broker):
             self._first.set_result(None)
 
     async def _read(self, pubsub: Any) -> None:
-        while True:
+        while not self._session_over:
             message = await pubsub.get_message(timeout=None)
             if message is None:
                 continue
@@ -272,12 +282,16 @@ class RedisBroker(Broker):
             logger.exception("delivering a broadcast in room %r failed", room)
 
     async def _heartbeat(self) -> None:
-        while True:
+        while not self._session_over:
             await asyncio.sleep(self.heartbeat_interval)
             await self._sync_presence()
 
     async def _sync_presence(self) -> None:
         """Rewrite this node's whole presence with a fresh TTL (heals a restarted Redis)."""
+        async with self._presence_lock:
+            await self._write_presence()
+
+    async def _write_presence(self) -> None:
         ttl = int(self.presence_ttl * 1000)
         rooms = {room: dict(members) for room, members in self._local.items() if members}
         async with self._client.pipeline(transaction=True) as pipe:
@@ -295,10 +309,10 @@ class RedisBroker(Broker):
         self._synced = set(rooms)
 
     async def _publisher(self) -> None:
-        while True:
+        while not self._session_over:
             await self._wake.wait()
             self._wake.clear()
-            while self._outbox:
+            while self._outbox and not self._session_over:
                 batch = list(self._outbox)
                 self._outbox.clear()
                 async with self._client.pipeline(transaction=False) as pipe:
@@ -309,6 +323,9 @@ class RedisBroker(Broker):
 
     # -- Broker --------------------------------------------------------------------------
     async def subscribe(self, room: str) -> None:
+        return await _in_task(self._subscribe(room))
+
+    async def _subscribe(self, room: str) -> None:
         channel = self._channel(room)
         self._rooms[channel] = room
         pubsub = self._pubsub
@@ -323,6 +340,9 @@ class RedisBroker(Broker):
             logger.debug("subscribe to %r failed (%s); the reconnect will retry", room, exc)
 
     async def unsubscribe(self, room: str) -> None:
+        return await _in_task(self._unsubscribe(room))
+
+    async def _unsubscribe(self, room: str) -> None:
         channel = self._channel(room)
         self._rooms.pop(channel, None)
         pubsub = self._pubsub
@@ -343,22 +363,28 @@ class RedisBroker(Broker):
         self._wake.set()
 
     async def put_member(self, room: str, member: str, meta: bytes) -> None:
+        return await _in_task(self._put_member(room, member, meta))
+
+    async def _put_member(self, room: str, member: str, meta: bytes) -> None:
         self._local.setdefault(room, {})[member] = meta
         if self.state is not LinkState.UP:
             return
         ttl = int(self.presence_ttl * 1000)
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
+            async with self._presence_lock, self._client.pipeline(transaction=True) as pipe:
                 pipe.hset(self._hash(room), member, meta)
                 pipe.pexpire(self._hash(room), ttl)
                 pipe.sadd(self._nodes(room), self._node)
                 pipe.pexpire(self._nodes(room), ttl)
                 await pipe.execute()
-            self._synced.add(room)
+                self._synced.add(room)
         except _ERRORS as exc:
             logger.debug("presence write for %r failed (%s); the heartbeat will retry", room, exc)
 
     async def drop_member(self, room: str, member: str) -> None:
+        return await _in_task(self._drop_member(room, member))
+
+    async def _drop_member(self, room: str, member: str) -> None:
         members = self._local.get(room)
         if members is not None:
             members.pop(member, None)
@@ -367,20 +393,24 @@ class RedisBroker(Broker):
         if self.state is not LinkState.UP:
             return
         try:
-            await self._client.hdel(self._hash(room), member)
+            async with self._presence_lock:
+                await self._client.hdel(self._hash(room), member)
         except _ERRORS as exc:
             logger.debug("presence removal for %r failed (%s); the heartbeat will retry", room, exc)
 
     async def members(self, room: str) -> dict[str, bytes]:
         """Members on every node; only this node's while Redis is away."""
+        return await _in_task(self._members(room))
+
+    async def _members(self, room: str) -> dict[str, bytes]:
         if self.state is LinkState.UP:
             try:
-                return await self._members(room)
+                return await self._read_members(room)
             except _ERRORS as exc:
                 logger.debug("presence read for %r failed (%s); answering with local members", room, exc)
         return dict(self._local.get(room, {}))
 
-    async def _members(self, room: str) -> dict[str, bytes]:
+    async def _read_members(self, room: str) -> dict[str, bytes]:
         nodes = sorted(await self._client.smembers(self._nodes(room)))
         if not nodes:
             return {}
@@ -398,6 +428,17 @@ class RedisBroker(Broker):
         if gone:
             await self._client.srem(self._nodes(room), *gone)
         return found
+
+
+async def _in_task(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` in a task if we are not in one.
+
+    App handlers start eagerly, outside any task, and redis-py uses ``asyncio.timeout``,
+    which needs one.
+    """
+    if asyncio.current_task() is not None:
+        return await coro
+    return await asyncio.get_running_loop().create_task(coro)
 
 
 def _redact(url: str) -> str:
