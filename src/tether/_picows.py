@@ -95,7 +95,7 @@ class Accept:
 Route = Callable[[Request], "HttpResponse | Accept"]
 
 
-class _Listener(WSListener):  # type: ignore[misc]
+class _Listener(WSListener):
     """Feeds picows frames to a :class:`Conn`; also the ``Wire`` that ``Conn`` writes to."""
 
     def __init__(self, request: Request, on_open: OnOpen | None, settings: TransportSettings, *, is_client: bool) -> None:
@@ -166,7 +166,7 @@ class _Listener(WSListener):  # type: ignore[misc]
         handshake = transport.close_handshake
         if conn.close_code is None and handshake is not None and handshake.sent is not None:
             # picows failed the connection itself (e.g. an unmasked frame): record its code.
-            conn.close_code, conn.close_reason = int(handshake.sent.code), handshake.sent.reason
+            conn.close_code, conn.close_reason = handshake.sent.code.value, handshake.sent.reason
         conn._on_lost()
 
     def pause_writing(self) -> None:
@@ -192,7 +192,7 @@ class _Listener(WSListener):  # type: ignore[misc]
 
     def write_close(self, code: int, reason: str) -> None:
         assert self._transport is not None
-        self._transport.send_close(code, reason.encode())
+        self._transport.send_close(code, reason.encode())  # type: ignore[arg-type]  # any int code works
 
     def ping(self, payload: bytes) -> None:
         assert self._transport is not None

@@ -220,7 +220,7 @@ class App:
             classes.append(cls)
             self._by_class[cls] = route
         classes.append(_Heartbeat)
-        self._decoder = msgspec.json.Decoder(Union[tuple(classes)])  # type: ignore[arg-type]
+        self._decoder = msgspec.json.Decoder(Union[tuple(classes)])
 
     # -- one message -------------------------------------------------------------------
     def _on_message(self, conn: Conn, message: Message) -> None:

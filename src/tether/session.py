@@ -33,6 +33,7 @@ import logging
 import random
 import time
 from collections import deque
+from types import EllipsisType
 from typing import Any, Awaitable, Callable, Literal, Mapping
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -133,7 +134,7 @@ class Client:
         """Send a typed message now, or queue it in the outbox while disconnected."""
         self._push(encode_message(type, data), None)
 
-    async def request(self, type: str, data: Any = None, *, timeout: float | None = ...) -> Any:  # type: ignore[assignment]
+    async def request(self, type: str, data: Any = None, *, timeout: float | None | EllipsisType = ...) -> Any:
         """Send a request and wait for its reply's data.
 
         Raises :class:`tether.ReplyError` on an error reply, ``TimeoutError`` after
@@ -146,7 +147,7 @@ class Client:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[id] = future
         self._push(encode_message(type, data, id), id)
-        limit = self._request_timeout if timeout is ... else timeout
+        limit = self._request_timeout if isinstance(timeout, EllipsisType) else timeout
         try:
             async with asyncio.timeout(limit):
                 return await future
@@ -198,7 +199,7 @@ class Client:
     async def _supervise(self) -> None:
         while self.state != "closed":
             code, reason = await self._connect_once()
-            if self.state == "closed":
+            if self._closed_for_good():
                 return
             if code in (401, 403) or not should_reconnect(code, deliberate=False):
                 logger.warning("not reconnecting after close %s %s", code, reason)
@@ -290,7 +291,7 @@ class Client:
         future = self._pending.get(incoming.id) if isinstance(incoming.id, int) else None
         if future is None or future.done():
             return
-        self._in_flight.discard(incoming.id)  # type: ignore[arg-type]
+        self._in_flight.discard(incoming.id)
         if incoming.type == "reply":
             future.set_result(incoming.data)
         else:
@@ -337,6 +338,10 @@ class Client:
                 fn(*args)
             except Exception:
                 logger.exception("listener for %r failed", event)
+
+    def _closed_for_good(self) -> bool:
+        # A method, not an inline comparison: close() changes state while we await.
+        return self.state == "closed"
 
     def _notify(self) -> None:
         """Wake everything waiting in :meth:`_changed` (the state changed)."""
