@@ -419,3 +419,38 @@ def test_app_rejects_duplicate_type() -> None:
     app.on("chat")(lambda conn: None)
     with pytest.raises(ValueError):
         app.on("chat")
+
+
+async def test_server_handler_runs_in_a_task_so_asyncio_timeout_works(start: Start) -> None:
+    """Handlers run inline but inside the connection's task: asyncio.timeout, current_task work,
+    before and after the handler suspends, and a timeout cancels only that handler."""
+    app = tether.App()
+    tasks: list[asyncio.Task[Any] | None] = []
+
+    @app.on("quick")
+    async def quick(conn: tether.Conn) -> str:
+        async with asyncio.timeout(5):  # entered without suspending
+            tasks.append(asyncio.current_task())
+        return "quick"
+
+    @app.on("sleepy")
+    async def sleepy(conn: tether.Conn, seconds: float) -> str:
+        tasks.append(asyncio.current_task())
+        try:
+            async with asyncio.timeout(0.05):
+                await asyncio.sleep(seconds)  # suspends inside the timeout
+        except TimeoutError:
+            return "timed out"
+        finally:
+            tasks.append(asyncio.current_task())
+        return "slept"
+
+    async with connected(await start(app)) as peer:
+        await peer.send("quick", id=1)
+        await peer.send("sleepy", 10.0, id=2)
+        await peer.send("sleepy", 0.0, id=3)
+        await peer.send("quick", id=4)
+        replies = [await peer.receive() for _ in range(4)]
+    assert [(r["id"], r["data"]) for r in replies] == [(1, "quick"), (2, "timed out"), (3, "slept"), (4, "quick")]
+    assert all(t is not None for t in tasks)
+    assert len(set(map(id, tasks))) == 1  # one task: the connection's, before and after suspending

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Generator, Union, get_type_hints
 
 import msgspec
+from asyncio.tasks import _enter_task, _leave_task  # stable since 3.7; how 3.12's eager tasks run
 
 from .codecs import decode_error
 from .conn import Conn, Message
@@ -181,9 +182,10 @@ class App:
             for hook in self._on_connect:
                 await _maybe_await(hook(conn))
             await self._welcome(conn)
+            conn._host = asyncio.current_task()
             conn._on_message = self._on_message
             self._resume(conn)
-            await conn.wait_closed()
+            await self._drive_suspended(conn)
         except Exception as exc:
             # Close now (as run_handler would), or _disconnected below waits for ever.
             code, reason = (exc.code, exc.reason) if isinstance(exc, CloseConnection) else (1011, "internal error")
@@ -224,7 +226,31 @@ class App:
 
     # -- one message -------------------------------------------------------------------
     def _on_message(self, conn: Conn, message: Message) -> None:
-        """Called by ``Conn`` for every message while the connection is idle."""
+        """Called by ``Conn`` for every message while the connection is idle.
+
+        The handler runs right here, without a task switch, but as part of the
+        connection's own task (``conn._host``, the one serving this App), so that
+        ``asyncio.current_task()``, ``asyncio.timeout()`` and friends work in handlers, and
+        a handler that suspends simply continues in that task (:meth:`_drive_suspended`).
+        """
+        loop = asyncio.get_running_loop()
+        host = conn._host
+        current = asyncio.current_task(loop)
+        if current is host or host is None:
+            self._handle(conn, message)
+        elif current is None:
+            _enter_task(loop, host)
+            try:
+                self._handle(conn, message)
+            finally:
+                _leave_task(loop, host)
+        else:
+            # Called from another task (an ASGI reader): let the connection's task handle it.
+            conn._on_message = None
+            conn._inbox.append(message)
+            _wake(conn, _DISPATCH)
+
+    def _handle(self, conn: Conn, message: Message) -> None:
         if isinstance(message, bytes):
             conn._start_close(1003, "typed apps accept text frames only")
             return
@@ -300,24 +326,40 @@ class App:
 
     # -- handlers that suspend -----------------------------------------------------------
     def _suspend(self, conn: Conn, coro: Any, yielded: Any, id: _Id) -> None:
-        """Finish a suspended handler in a task; hold the connection's next messages until then."""
+        """A handler suspended: its connection's task finishes it; later messages wait."""
         conn._on_message = None  # messages now queue in conn's inbox, with backpressure
-        _track(conn, asyncio.get_running_loop().create_task(self._finish(conn, _Resume(coro, yielded), id)))
+        done = asyncio.get_running_loop().create_future()
+        conn.assigns.setdefault("_tether_tasks", set()).add(done)  # graceful shutdown waits on it
+        _wake(conn, (_Resume(coro, yielded), id, done))
 
-    async def _finish(self, conn: Conn, resume: _Resume, id: _Id) -> None:
+    async def _drive_suspended(self, conn: Conn) -> None:
+        """The connection's task: sleep until a handler suspends, then drive it to its end."""
+        loop = asyncio.get_running_loop()
+        conn._closed.add_done_callback(lambda _: _wake(conn, None))
+        while not conn._closed.done():
+            conn._job_ready = loop.create_future()
+            if conn._job is None:
+                await conn._job_ready
+            job, conn._job = conn._job, None
+            if job is None:
+                continue
+            if job is not _DISPATCH:
+                await self._finish(conn, *job)
+            if not conn._closed.done():
+                conn._on_message = self._on_message
+                self._resume(conn)
+
+    async def _finish(self, conn: Conn, resume: _Resume, id: _Id, done: asyncio.Future[None]) -> None:
         try:
             result = await resume
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+        except Exception as exc:
             self._handler_failed(conn, exc, id)
         else:
             if id is not None and conn.state.name == "OPEN":
                 self._reply(conn, result, id)
-        if conn._closed.done():
-            return
-        conn._on_message = self._on_message
-        self._resume(conn)
+        finally:
+            done.set_result(None)
+            conn.assigns["_tether_tasks"].discard(done)
 
     def _resume(self, conn: Conn) -> None:
         """Handle messages that queued while the connection was busy, in order."""
@@ -378,6 +420,18 @@ def _heartbeat(conn: Conn, data: Any) -> None:
         conn._write(OP_TEXT, encode_message("heartbeat", data))
     except ConnectionClosed:
         pass
+
+
+_DISPATCH = object()  # a job for the connection's task: handle the queued messages
+
+
+def _wake(conn: Conn, job: Any) -> None:
+    """Give the connection's task a job (a suspended handler, or _DISPATCH)."""
+    if job is not None:
+        conn._job = job
+    ready = conn._job_ready
+    if ready is not None and not ready.done():
+        ready.set_result(None)
 
 
 def _track(conn: Conn, task: asyncio.Task[None]) -> None:

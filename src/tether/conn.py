@@ -153,6 +153,10 @@ class Conn:
         #: Who the peer is, as returned by the server's ``auth`` hook (None without one).
         self.identity: Any = None
         self._rate: TokenBucket | None = None
+        # A typed App's: the task serving this connection, and its next job (app.py).
+        self._host: asyncio.Task[Any] | None = None
+        self._job: Any = None
+        self._job_ready: asyncio.Future[None] | None = None
         self._typed = False  # a typed App serves this connection: errors can be replies
 
     # -- request details ---------------------------------------------------------------
