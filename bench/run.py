@@ -422,7 +422,8 @@ def plan(peers: list[str], bcast_peers: list[str], mode: Mode, seed: int) -> lis
         rng.shuffle(order)  # interleave: a different peer order in every run
         for c, k in mode.echo_configs:
             tasks += [Task(run, "echo", p, {"c": c, "k": k}) for p in order]
-        tasks += [Task(run, "idle", p, {"n": mode.idle_n}) for p in order]
+        if mode.idle_n:
+            tasks += [Task(run, "idle", p, {"n": mode.idle_n}) for p in order]
         for n, r in mode.bcast:
             tasks += [Task(run, "bcast", p, {"n": n, "r": r}) for p in order if p in bcast_peers]
     return tasks
@@ -544,9 +545,10 @@ def figure_specs(mode: Mode) -> list[dict[str, Any]]:
              params={"c": main[0], "k": main[1]}, field="cpu_s_per_100k", fmt="2f", better="low"),
         dict(id="rss", title=f"peak RSS MiB (C={big[0]},K={big[1]})", kind="echo", params={"c": big[0], "k": big[1]},
              field="peak_rss_kib", fmt="mib", better="low"),
+    ] + ([] if not mode.idle_n else [
         dict(id="idle", title=f"KiB per idle conn (N={mode.idle_n})", kind="idle", params={"n": mode.idle_n},
              field="kib_per_conn", fmt="1f", better="low"),
-    ]
+    ])
     for n, r in mode.bcast:
         specs.append(dict(id=f"bcast{n}", title=f"broadcast 1->{n:,} deliveries/s", kind="bcast",
                           params={"n": n, "r": r}, field="deliveries_per_s", fmt="k", better="high"))
@@ -854,12 +856,21 @@ def render(summary: dict[str, Any], tasks: list[Task], mode: Mode, peers: list[s
 PROFILE_BEGIN, PROFILE_END = "<!-- PROFILE BEGIN -->", "<!-- PROFILE END -->"
 
 
+NOTES_BEGIN, NOTES_END = "<!-- NOTES BEGIN -->", "<!-- NOTES END -->"
+
+
 def write_report(md_path: Path, text: str) -> None:
-    kept = ""
+    """Write the generated report; hand-written NOTES and the PROFILE section survive reruns."""
+    notes = kept = ""
     if md_path.exists():
         old = md_path.read_text()
+        if NOTES_BEGIN in old and NOTES_END in old:
+            notes = old[old.index(NOTES_BEGIN): old.index(NOTES_END) + len(NOTES_END)]
         if PROFILE_BEGIN in old and PROFILE_END in old:
             kept = old[old.index(PROFILE_BEGIN): old.index(PROFILE_END) + len(PROFILE_END)]
+    if notes:  # right after the command line
+        head, sep, rest = text.partition("```\n\n")
+        text = head + sep + notes + "\n\n" + rest if sep else text + "\n" + notes + "\n"
     if kept:
         text = text.rstrip() + "\n\n" + kept + "\n"
     md_path.write_text(text)
@@ -895,6 +906,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--configs", default=None, metavar="CxK,...", help="echo settings, e.g. 50x1,500x16")
+    ap.add_argument("--no-idle", action="store_true", help="skip the idle-memory measurement")
+    ap.add_argument("--no-bcast", action="store_true", help="skip broadcast")
     ap.add_argument("--report-only", type=Path, metavar="RAW_JSON",
                     help="no measuring: rewrite the report and plot from a raw results file")
     args = ap.parse_args(argv)
@@ -904,6 +918,12 @@ def main(argv: list[str] | None = None) -> int:
     mode = QUICK if args.quick else FULL
     if args.runs:
         mode.runs = args.runs
+    if args.configs:
+        mode.echo_configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]  # type: ignore[misc]
+    if args.no_bcast:
+        mode.bcast = []
+    if args.no_idle:
+        mode.idle_n = 0
     peers = [p for p in args.peers.split(",") if p]
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
@@ -975,7 +995,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # matplotlib missing: the table still gets written
         print(f"plot skipped: {exc}", file=sys.stderr)
         plot_name = None
-    command = "make bench" if not args.quick else "python bench/run.py " + " ".join(argv or sys.argv[1:])
+    command = "make bench" if not args.quick and argv is None and len(sys.argv) == 1 else \
+        "python bench/run.py " + " ".join(argv or sys.argv[1:])
     md_path.parent.mkdir(parents=True, exist_ok=True)
     write_report(md_path, render(summary, tasks, mode, peers, info, plot_name, command, started, elapsed))
     if not args.quiet:
