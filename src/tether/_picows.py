@@ -98,6 +98,8 @@ Route = Callable[[Request], "HttpResponse | Accept"]
 class _Listener(WSListener):
     """Feeds picows frames to a :class:`Conn`; also the ``Wire`` that ``Conn`` writes to."""
 
+    __slots__ = ("request", "conn", "_on_open", "_settings", "_is_client", "_receiver", "_max", "_transport", "_raw")
+
     def __init__(self, request: Request, on_open: OnOpen | None, settings: TransportSettings, *, is_client: bool) -> None:
         self.request = request
         self.conn: Conn | None = None
@@ -217,8 +219,11 @@ class _Listener(WSListener):
 
 def _request_from(path_and_query: str, headers: CIMultiDict[str]) -> Request:
     path, _, qs = path_and_query.partition("?")
-    query = MultiDictProxy(MultiDict(parse_qsl(qs, keep_blank_values=True)))
+    query = MultiDictProxy(MultiDict(parse_qsl(qs, keep_blank_values=True))) if qs else _NO_QUERY
     return Request(path or "/", CIMultiDictProxy(headers), query, None)
+
+
+_NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())  # read-only, so one serves all
 
 
 def _http(response: HttpResponse) -> WSUpgradeResponseWithListener:
@@ -266,6 +271,7 @@ async def create_server(
         read_buffer_init_size=settings.read_buffer_size,
         logger_name=_PICOWS_LOG,
         enable_auto_pong=False,  # Conn answers pings: coalesced while the peer is not reading
+        use_aiofastnet=False,  # uvloop's own transport: ~5 KiB less per connection
         ssl=ssl,
         reuse_port=reuse_port or None,
     )
@@ -293,6 +299,7 @@ async def open_connection(
             read_buffer_init_size=settings.read_buffer_size,
             logger_name=_PICOWS_LOG,
             enable_auto_pong=False,  # Conn answers pings: coalesced while the peer is not reading
+            use_aiofastnet=False,  # uvloop's own transport: ~5 KiB less per connection
         )
     except (_PicowsError, asyncio.TimeoutError) as exc:
         status = getattr(getattr(exc, "response", None), "status", 0)

@@ -16,10 +16,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Protocol
 
+from . import wheel
 from .envelope import encode_message
 from .errors import KEEPALIVE_REASON, ConnectionClosed, ConnectionClosedOK, closed_error
 from .keepalive import Pinger, heartbeat_due
 from .limits import TokenBucket
+
 from .protocol import OP_BINARY, OP_TEXT
 
 if TYPE_CHECKING:
@@ -99,6 +101,49 @@ class Conn:
     (the socket's write buffer is full), so a slow reader cannot grow memory without bound.
     """
 
+    # Slots: an idle connection should cost as little memory as possible (docs/benchmarks.md).
+    __slots__ = (
+        "_app_heartbeat",
+        "_close_timeout",
+        "_close_timer",
+        "_closed",
+        "_drain",
+        "_dropped",
+        "_heartbeat_sent",
+        "_host",
+        "_inbox",
+        "_job",
+        "_job_ready",
+        "_last_write",
+        "_max_queue",
+        "_max_send_queue",
+        "_on_message",
+        "_overflow",
+        "_pending_pong",
+        "_pinger",
+        "_pings",
+        "_rate",
+        "_read_paused",
+        "_receiver",
+        "_send_queue",
+        "_sent",
+        "_sent_close",
+        "_typed",
+        "_wire",
+        "_write_frame",
+        "_write_paused",
+        "assigns",
+        "close_code",
+        "close_reason",
+        "hub",
+        "identity",
+        "is_client",
+        "keepalive",
+        "latency",
+        "request",
+        "state",
+    )
+
     def __init__(
         self,
         wire: Wire,
@@ -121,7 +166,8 @@ class Conn:
         self.assigns: dict[str, Any] = {}
         #: Last measured round-trip time to the peer in seconds, or None.
         self.latency: float | None = None
-        self._inbox: deque[Message] = deque()
+        # A list, not a deque: it holds at most max_queue items and an empty deque costs 13x more.
+        self._inbox: list[Message] = []
         self._max_queue = max_queue
         self._receiver: asyncio.Future[None] | None = None
         self._on_message: Callable[[Conn, Message], None] | None = None
@@ -134,7 +180,6 @@ class Conn:
         self._sent_close = False
         self._last_write = 0.0
         self._pinger: Pinger | None = None
-        self._keepalive_timer: asyncio.TimerHandle | None = None
         #: Heartbeat settings ``(interval, timeout)`` in seconds, announced to typed clients.
         self.keepalive: tuple[float | None, float | None] = (None, None)
         self._app_heartbeat = False
@@ -202,7 +247,7 @@ class Conn:
         """Pop the oldest queued message; resume reading once the queue is half empty."""
         if not self._inbox:
             return None
-        message = self._inbox.popleft()
+        message = self._inbox.pop(0)
         if self._read_paused and len(self._inbox) <= self._max_queue // 2:
             self._update_reading()
         return message
@@ -290,8 +335,7 @@ class Conn:
             wake = now + self._pinger.interval
         if self._app_heartbeat:
             wake = min(wake, self._last_write + self._pinger.interval)
-        loop = asyncio.get_running_loop()
-        self._keepalive_timer = loop.call_at(wake - now + loop.time(), self._keepalive_tick)
+        wheel.schedule(wake, self)
 
     def _keepalive_tick(self) -> None:
         pinger = self._pinger
@@ -416,9 +460,8 @@ class Conn:
         if self.close_code is None:
             self.close_code, self.close_reason = 1006, ""
         self.state = ConnState.CLOSED
-        for timer in (self._close_timer, self._keepalive_timer):
-            if timer is not None:
-                timer.cancel()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         for fut in (self._receiver, self._drain):
             if fut is not None and not fut.done():
                 fut.set_result(None)

@@ -168,6 +168,8 @@ class Receiver:
     None means no limit. Raises ValueError if it is negative.
     """
 
+    __slots__ = ("_max_size", "_state", "_failure", "_size", "_chunks", "_text", "_decoder")
+
     def __init__(self, max_message_size: int | None = 1 << 20) -> None:
         if max_message_size is not None and max_message_size < 0:
             raise ValueError("max_message_size must be >= 0 or None")
