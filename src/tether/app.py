@@ -35,6 +35,11 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Union, get_type_hint
 import msgspec
 from asyncio.tasks import _enter_task, _leave_task  # stable since 3.7; how 3.12's eager tasks run
 
+try:  # the C function: asyncio.current_task is a Python wrapper around it on 3.11
+    from _asyncio import current_task as _current_task  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - interpreters without the C accelerator
+    from asyncio import current_task as _current_task
+
 from .codecs import decode_error
 from .conn import Conn, Message
 from .envelope import encode_message
@@ -235,7 +240,7 @@ class App:
         """
         loop = asyncio.get_running_loop()
         host = conn._host
-        current = asyncio.current_task(loop)
+        current = _current_task(loop)
         if current is host or host is None:
             self._handle(conn, message)
         elif current is None:
