@@ -62,7 +62,7 @@ def _py(script: str, *args: str) -> tuple[str, ...]:
 PEERS: dict[str, Peer] = {
     p.name: p
     for p in [
-        Peer("tether", "tether", _py("tether_server.py")),
+        Peer("tether", "tether", _py("tether_server.py"), bcast=True),
         Peer("picows-json", "picows by hand (json)", _py("picows_server.py", "json"), bcast=True),
         Peer("picows-msgspec", "picows by hand (msgspec)", _py("picows_server.py", "msgspec"), bcast=True),
         Peer("websockets", "websockets + uvloop", _py("websockets_server.py"), bcast=True),

@@ -660,7 +660,15 @@ func runBcast() map[string]any {
 				if i < 0 || !bytes.Contains(p, []byte(`"broadcast"`)) {
 					continue
 				}
-				v, _ := strconv.ParseInt(string(bytes.TrimRight(bytes.TrimLeft(p[i+len(nKey):], " "), "}] ")), 10, 64)
+				digits := bytes.TrimLeft(p[i+len(nKey):], " ")
+				end := 0
+				for end < len(digits) && digits[end] >= '0' && digits[end] <= '9' {
+					end++
+				}
+				v, err := strconv.ParseInt(string(digits[:end]), 10, 64) // fields may follow "n" (tether adds "room")
+				if err != nil {
+					v = -1
+				}
 				if v < 0 || v >= int64(r) {
 					atomic.AddInt64(&bad, 1)
 					continue

@@ -25,4 +25,15 @@ async def echo(conn: tether.Conn, data: Echo) -> None:
     await conn.emit("echo", Echo("Thanks for the message!", data.n))
 
 
+@app.on_connect
+async def member(conn: tether.Conn) -> None:
+    await conn.join("all", presence=False)  # broadcast-only member: no presence events
+
+
+@app.on("broadcast")
+async def broadcast(conn: tether.Conn, data: Echo) -> None:
+    # Encoded once, framed once, the same bytes written to every member; never awaits a receiver.
+    await app.broadcast("all", "broadcast", data)
+
+
 tether.run({"/": app}, host="127.0.0.1", port=PORT)  # blocking; uses uvloop when installed
