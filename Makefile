@@ -49,7 +49,7 @@ $(VENV_STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "tether needs Python >= 3.11, $(PYTHON) is " + sys.version.split()[0])'
 	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --disable-pip-version-check -q --upgrade pip
-	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -e '.[dev,bench]'  # bench: the harness test
 	touch $@
 
 deps:
