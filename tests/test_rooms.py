@@ -302,6 +302,22 @@ async def test_client_join_leave_through_on_join_hook(make_server: ServerFactory
         assert await server.hub.presence("lobby") == []
 
 
+async def test_client_join_beyond_max_rooms_replies_too_many_rooms(make_server: ServerFactory) -> None:
+    app = chat_app()
+    app.on_join(lambda conn, room, meta: True)
+    server = await make_server({"/socket": app}, max_rooms=2)
+    async with timeout(10):
+        peer = await Peer.open(url(server), name="ann")
+        for room in ("a", "b", "a"):  # joining a room it is in already does not count twice
+            assert (await peer.request("join", {"room": room}))["room"] == room
+        with pytest.raises(tether.ReplyError) as exc:
+            await peer.request("join", {"room": "c"})
+        assert exc.value.code == "too_many_rooms"
+        assert await peer.request("leave", {"room": "a"}) is None
+        assert (await peer.request("join", {"room": "c"}))["room"] == "c"  # the connection is still fine
+        assert sorted(await peer.request("rooms")) == ["b", "c"]
+
+
 async def test_app_cannot_register_reserved_room_types() -> None:
     app = tether.App()
     for name in ("join", "leave", "presence"):

@@ -114,8 +114,10 @@ class Hub:
     on first use (or ``await hub.start()``); ``await hub.close()`` withdraws its presence.
     """
 
-    def __init__(self, broker: str | Broker | None = None, *, node: str | None = None) -> None:
+    def __init__(self, broker: str | Broker | None = None, *, node: str | None = None, max_rooms: int | None = 100) -> None:
         self.broker = make_broker(broker)
+        #: Rooms one connection may join by its own request (``join`` messages); None = no limit.
+        self.max_rooms = max_rooms
         #: This process's id in presence and between brokers (12 hex digits).
         self.node = node if node is not None else secrets.token_hex(_NODE_LEN // 2)
         if len(self.node) != _NODE_LEN or not self.node.isascii():
@@ -332,6 +334,9 @@ def client_routes(on_join: list[OnJoin]) -> dict[str, Callable[..., Any]]:
     async def join(conn: Conn, data: JoinRequest) -> dict[str, Any]:
         if not on_join:
             raise ReplyError("forbidden", "this app does not let clients join rooms")
+        limit = conn._need_hub().max_rooms
+        if limit is not None and data.room not in conn.rooms and len(conn.rooms) >= limit:
+            raise ReplyError("too_many_rooms", f"a connection may be in at most {limit} rooms")
         meta = data.meta
         for hook in on_join:
             verdict = hook(conn, data.room, meta)

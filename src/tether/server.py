@@ -80,6 +80,7 @@ class Server:
         # Rooms and broadcast (docs/rooms.md)
         broker: str | Broker | None = None,
         max_send_queue: int | None = 256,
+        max_rooms: int | None = 100,
         send_overflow: Overflow | str = Overflow.DROP_OLDEST,
     ) -> None:
         self.routes: dict[str, Handler] = dict(routes) if isinstance(routes, Mapping) else {"/": routes}
@@ -105,7 +106,7 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         #: This process's rooms hub (:class:`tether.Hub`); Apps without a broker of their own use it.
-        self.hub = Hub(broker)
+        self.hub = Hub(broker, max_rooms=max_rooms)
         self._hubs = _bind_hubs(self.routes.values(), self.hub)
 
     # -- lifecycle ---------------------------------------------------------------------
