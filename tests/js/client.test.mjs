@@ -266,6 +266,19 @@ test("client declares a silent server dead and reconnects", (t) => {
   assert.equal(sockets.length, 2);
 });
 
+test("client notices a dead server within interval + timeout of its last message", (t) => {
+  const { client, sockets, tick } = setup(t);
+  sockets[0].open();
+  sockets[0].receive(WELCOME);
+  const advance = (ms) => { for (let i = 0; i < ms; i += 100) tick(Math.min(100, ms - i)); }; // time passing
+  advance(20_000);
+  sockets[0].receive({ type: "heartbeat", data: { t: 1 } }); // last sign of life at 20 s
+  advance(34_900); // 54.9 s: 34.9 s of silence, still within 25 + 10
+  assert.equal(client.state, "open");
+  advance(200); // just past the window: the check scheduled for it runs, not one an interval later
+  assert.equal(client.state, "reconnecting");
+});
+
 test("client stays open while the server keeps sending", (t) => {
   const { client, sockets, tick } = setup(t);
   sockets[0].open();

@@ -162,6 +162,7 @@ export class TetherClient extends EventTarget {
   #reconnectTimer = null;
   #notBefore = 0; // ms timestamp before which a 1001 retry_after forbids reconnecting
   #heartbeat = { interval: null, timeout: null }; // seconds, from the welcome message
+  #lastProbe = 0; // ms: when our last heartbeat went out
   #checkTimer = null;
   #lastReceived = 0;
   #lastCheck = 0;
@@ -430,12 +431,17 @@ export class TetherClient extends EventTarget {
     }
   }
 
-  // -- heartbeat: a check every `interval` seconds, and our own probes for latency
+  // -- heartbeat: a check at least every `interval` seconds, and just when the silence window
+  // (interval + timeout since the last message) ends, so a dead server is noticed within
+  // interval + timeout; our own probes (for latency) go out every `interval`.
 
   #scheduleCheck() {
     clearTimeout(this.#checkTimer);
-    const { interval } = this.#heartbeat;
-    if (interval != null) this.#checkTimer = setTimeout(() => this.#check(), interval * 1000);
+    const { interval, timeout } = this.#heartbeat;
+    if (interval == null) return;
+    let wait = interval * 1000;
+    if (timeout != null) wait = Math.min(wait, this.#lastReceived + (interval + timeout) * 1000 - Date.now() + 1);
+    this.#checkTimer = setTimeout(() => this.#check(), Math.max(wait, 10));
   }
 
   #check() {
@@ -448,13 +454,14 @@ export class TetherClient extends EventTarget {
       return this.#onClose(1006, "keepalive timeout");
     }
     if (verdict === "probe") this.#lastReceived = now - interval * 1000; // a fresh `timeout` window
-    this.#probe();
+    if (verdict === "probe" || now - this.#lastProbe >= interval * 1000) this.#probe();
     this.#scheduleCheck();
   }
 
   #probe() {
     if (!this.#isOpen()) return;
     const t = Date.now();
+    this.#lastProbe = t;
     this.#probes.add(t);
     if (this.#probes.size > MAX_PROBES) this.#probes.delete(this.#probes.values().next().value);
     this.#write({ type: "heartbeat", data: { t } });
