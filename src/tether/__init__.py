@@ -6,10 +6,9 @@ The public API is exactly ``__all__``; everything else is internal.
 from . import auth
 from .app import App
 from .auth import Identity
-from .limits import RateLimit
+from .broker import Broker, MemoryBroker, MemoryBus
 from .client import connect
 from .codecs import JSON, Codec, Message
-from .broker import Broker, MemoryBroker, MemoryBus
 from .conn import Conn, ConnState, Overflow, Request, SendStats
 from .errors import (
     CloseConnection,
@@ -22,9 +21,10 @@ from .errors import (
     ReplyError,
     TetherError,
 )
+from .limits import RateLimit
+from .rooms import Hub, Member
 from .server import Handler, Server, run, serve
 from .session import Client, ClientClosed, ConnectionLost, OutboxOverflow
-from .rooms import Hub, Member
 from .stream import ByteStream
 from .workers import serve_workers
 

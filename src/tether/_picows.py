@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as ssl_module
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+from picows import WSError as _PicowsError
 from picows import (
     WSFrame,
     WSListener,
@@ -26,11 +28,10 @@ from picows import (
     ws_connect,
     ws_create_server,
 )
-from picows import WSError as _PicowsError
 
 from .conn import Conn, Request
 from .errors import InvalidHandshake
-from .protocol import OP_BINARY, OP_CLOSE, OP_TEXT, CloseReceived, Fail, Receiver
+from .protocol import OP_BINARY, OP_TEXT, CloseReceived, Fail, Receiver
 
 __all__ = ["Accept", "HttpResponse", "TransportSettings", "create_server", "open_connection"]
 
@@ -301,7 +302,7 @@ async def open_connection(
             enable_auto_pong=False,  # Conn answers pings: coalesced while the peer is not reading
             use_aiofastnet=False,  # uvloop's own transport: ~5 KiB less per connection
         )
-    except (_PicowsError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, _PicowsError) as exc:
         status = getattr(getattr(exc, "response", None), "status", 0)
         raise InvalidHandshake(f"server refused the WebSocket upgrade: {exc}", int(status or 0)) from None
     if not isinstance(listener, _Listener) or listener.conn is None:

@@ -29,11 +29,12 @@ import asyncio
 import inspect
 import logging
 import time
+from asyncio.tasks import _enter_task, _leave_task  # stable since 3.7; how 3.12's eager tasks run
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Generator, Union, get_type_hints
+from typing import TYPE_CHECKING, Any, Union, get_type_hints
 
 import msgspec
-from asyncio.tasks import _enter_task, _leave_task  # stable since 3.7; how 3.12's eager tasks run
 
 try:  # the C function: asyncio.current_task is a Python wrapper around it on 3.11
     from _asyncio import current_task as _current_task  # type: ignore[attr-defined]
@@ -58,7 +59,7 @@ logger = logging.getLogger("tether")
 #: Message types the framework itself uses (docs/protocol.md); apps cannot register them.
 RESERVED_TYPES = frozenset({"welcome", "reply", "error", "heartbeat", "join", "leave", "presence"})
 
-_Id = Union[int, str, None]
+_Id = int | str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +228,8 @@ class App:
             classes.append(cls)
             self._by_class[cls] = route
         classes.append(_Heartbeat)
-        self._decoder = msgspec.json.Decoder(Union[tuple(classes)])
+        # A union built at runtime from a tuple: `X | Y` has no spelling for that.
+        self._decoder = msgspec.json.Decoder(Union[tuple(classes)])  # noqa: UP007
 
     # -- one message -------------------------------------------------------------------
     def _on_message(self, conn: Conn, message: Message) -> None:

@@ -22,9 +22,10 @@ credentials (tether.js and tether.Client recompute ``params`` on every reconnect
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from .conn import Request
 

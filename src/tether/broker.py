@@ -17,7 +17,8 @@ presence with expiry). :func:`make_broker` turns the ``broker=`` setting into on
 from __future__ import annotations
 
 import abc
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 __all__ = ["Broker", "MemoryBroker", "MemoryBus", "Deliver", "make_broker"]
 

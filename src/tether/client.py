@@ -12,7 +12,8 @@ It yields the same :class:`tether.Conn` the server's handlers get.
 from __future__ import annotations
 
 import ssl as ssl_module
-from typing import Any, Generator, Mapping
+from collections.abc import Generator, Mapping
+from typing import Any
 
 from . import _picows
 from ._picows import TransportSettings

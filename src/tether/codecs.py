@@ -15,7 +15,8 @@ failing field. ``Message`` passes ``str`` (text frames) and ``bytes`` (binary fr
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, TypeVar, overload
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, overload
 
 import msgspec
 

@@ -13,15 +13,15 @@ import enum
 import logging
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import wheel
 from .envelope import encode_message
 from .errors import KEEPALIVE_REASON, ConnectionClosed, ConnectionClosedOK, closed_error
 from .keepalive import Pinger, heartbeat_due
 from .limits import TokenBucket
-
 from .protocol import OP_BINARY, OP_TEXT
 
 if TYPE_CHECKING:

@@ -32,7 +32,8 @@ import enum
 import logging
 import random
 from collections import deque
-from typing import Any, Coroutine, TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 try:
@@ -420,7 +421,7 @@ class RedisBroker(Broker):
             hashes = await pipe.execute()
         found: dict[str, bytes] = {}
         gone = []
-        for node, members in zip(nodes, hashes):
+        for node, members in zip(nodes, hashes, strict=True):  # one HGETALL reply per node
             if not members:
                 gone.append(node)  # its hash expired: the process died
             for member, meta in members.items():

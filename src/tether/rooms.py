@@ -29,9 +29,10 @@ import itertools
 import logging
 import secrets
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import msgspec
 

@@ -23,20 +23,20 @@ import random
 import signal
 import ssl as ssl_module
 import time
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Generator, Iterable, Mapping
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from . import _picows
 from ._picows import Accept, HttpResponse, TransportSettings
 from .auth import SUBPROTOCOL, TOKEN_EXPIRED, UNAUTHORIZED, Auth, subprotocols
-from .limits import RateLimit, TokenBucket
-from .conn import Conn, Request
-from .errors import CloseConnection, ConnectionClosed
 from .broker import Broker
-from .conn import Overflow
+from .conn import Conn, Overflow, Request
+from .errors import CloseConnection, ConnectionClosed
+from .limits import RateLimit, TokenBucket
 from .rooms import Hub
 
 __all__ = ["Server", "serve", "run", "Handler"]

@@ -33,8 +33,9 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from types import EllipsisType
-from typing import Any, Awaitable, Callable, Literal, Mapping
+from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import msgspec
@@ -134,7 +135,8 @@ class Client:
         """Send a typed message now, or queue it in the outbox while disconnected."""
         self._push(encode_message(type, data), None)
 
-    async def request(self, type: str, data: Any = None, *, timeout: float | None | EllipsisType = ...) -> Any:
+    # ASYNC109: the per-call timeout (default request_timeout) is the API, as in tether.js's request().
+    async def request(self, type: str, data: Any = None, *, timeout: float | None | EllipsisType = ...) -> Any:  # noqa: ASYNC109
         """Send a request and wait for its reply's data.
 
         Raises :class:`tether.ReplyError` on an error reply, ``TimeoutError`` after
@@ -229,7 +231,7 @@ class Client:
             conn = await connect(await self._url(), headers=self._headers, **self._connect_kwargs)
         except InvalidHandshake as exc:
             return (exc.status or None), str(exc)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             logger.info("connect to %s failed: %s", self.url, exc)
             return None, ""
         self._conn = conn

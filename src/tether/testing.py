@@ -41,11 +41,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import deque
-from typing import Any, Callable, Iterable, Mapping, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl
 
 import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
-from urllib.parse import parse_qsl
 
 from .app import App
 from .conn import Conn, Message, Request
@@ -56,7 +57,7 @@ from .server import Handler, run_handler
 
 __all__ = ["Client", "Envelope", "ErrorReply", "MemoryWire", "connect", "memory_pair"]
 
-Pairs = Union[Mapping[str, str], Iterable[tuple[str, str]]]
+Pairs = Mapping[str, str] | Iterable[tuple[str, str]]
 
 
 class Envelope(msgspec.Struct, frozen=True):
