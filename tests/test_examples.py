@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 
 import msgspec
@@ -10,6 +12,7 @@ import pytest
 import tether
 from examples.hello.server import ROUTES, STATIC, Message
 from tests.browser import chromium
+from tests.rawws import OP_CLOSE, OP_TEXT, RawWS, close_payload
 
 
 @pytest.fixture
@@ -25,6 +28,29 @@ async def test_hello_socket_tutorial_conversation(demo, caplog):
         assert msgspec.json.decode(await conn.receive()) == {"message": "Thanks for the message!"}
     assert "Received message: hello server!" in caplog.messages
 
+
+async def test_hello_socket_tutorial_conversation_over_a_raw_socket(demo, caplog):
+    """The same conversation with no WebSocket library: RFC 6455 handshake and frames by hand."""
+    caplog.set_level(logging.INFO, logger="hello")
+    key = base64.b64encode(b"tether raw hello").decode()
+    ws = await RawWS.connect(demo.port)
+    try:
+        assert await ws.handshake("/socket", {"Sec-WebSocket-Key": key}) == 101
+        assert ws.headers["upgrade"].lower() == "websocket"
+        guid = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
+        accept = base64.b64encode(hashlib.sha1(key.encode() + guid).digest()).decode()
+        assert ws.headers["sec-websocket-accept"] == accept
+
+        await ws.send_frame(OP_TEXT, b'{"message": "hello server!"}')  # masked: RawWS masks client frames
+        opcode, fin, payload = await ws.recv_frame()  # recv_frame asserts the server's frame is unmasked
+        assert (opcode, fin) == (OP_TEXT, True)
+        assert msgspec.json.decode(payload) == {"message": "Thanks for the message!"}
+        assert "Received message: hello server!" in caplog.messages
+
+        await ws.send_frame(OP_CLOSE, close_payload(1000))
+        assert await ws.close_code() == 1000  # then the server closes TCP
+    finally:
+        await ws.aclose()
 
 async def test_hello_socket_bad_message_then_good_one(demo, caplog):
     async with tether.connect(f"ws://127.0.0.1:{demo.port}/socket") as conn:
