@@ -124,9 +124,10 @@ demo: venv
 #   make bench         full suite (~35 min): every peer, 3 interleaved runs, writes docs/benchmarks.md
 #                      and docs/benchmarks.png; raw JSON in bench/results/. BENCH_ARGS="--peers a,b" etc.
 #   make bench-quick   a few seconds per peer, report in bench/results/quick/
+#   make bench-micro   in-process ns/message of decode + dispatch + encode (bench/micro.py; MICRO_ARGS=--quick)
 
 BENCH_STAMP := $(VENV)/.tether-bench-installed
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick bench-micro
 
 $(BENCH_STAMP): $(VENV_STAMP)
 	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
@@ -140,6 +141,9 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	command -v go >/dev/null || $(MAKE) deps
 	$(VENV)/bin/python bench/run.py --quick --out bench/results/quick $(BENCH_ARGS)
+
+bench-micro: $(VENV_STAMP)
+	$(VENV)/bin/python bench/micro.py $(MICRO_ARGS)
 
 
 # ---------------------------------------------------------------------------------------------

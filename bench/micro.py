@@ -1,0 +1,221 @@
+"""Per-message cost of a typed App, in-process: decode + dispatch + encode, no sockets.
+
+    python bench/micro.py            # best of 5 repeats of 50,000 messages per case
+    python bench/micro.py --quick    # 5,000 messages (what tests/test_bench_micro.py runs)
+
+Each case feeds ``{"type":"echo","data":{"message":"hello server!","n":N}}`` (N = 0, 1, ...)
+to ``App._on_message(conn, text)``, the call a transport makes for every text message, on a
+``Conn`` whose wire only counts the frames written. It is called from a plain loop callback
+with the connection's task set aside, as picows' ``data_received`` does, so the App takes its
+production path (enter the connection's task, handle, leave). Cases:
+
+- raw baseline: ``msgspec`` decode of the envelope + encode of the reply, nothing else;
+- sync handler, request: ``def echo(conn, data) -> Echo`` on a message with an ``id``
+  (a sync handler sends through its return value: the reply path);
+- async handler, emit: ``await conn.emit("echo", ...)``, no ``id``; the coroutine finishes
+  without suspending (bench/servers/tether_server.py's handler);
+- async handler, request: ``async def echo(conn, data) -> Echo`` on a message with an ``id``.
+
+Every case must write exactly one frame per message, and the first frame is checked, before
+anything is timed. The figure is the best repeat's wall time divided by the message count,
+with the garbage collector off during a repeat (as timeit does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import msgspec
+
+import tether
+from tether.conn import Conn, Request
+
+
+class Echo(msgspec.Struct):
+    message: str
+    n: int
+
+
+class CountingWire:
+    """A :class:`tether.conn.Wire` that keeps only the count and the last frame written."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.last = b""
+
+    def write(self, opcode: int, payload: bytes) -> None:
+        self.frames += 1
+        self.last = payload
+
+    def write_close(self, code: int, reason: str) -> None: ...
+    def ping(self, payload: bytes) -> None: ...
+    def pong(self, payload: bytes) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def disconnect(self) -> None: ...
+
+
+def sync_request_app() -> tether.App:
+    app = tether.App()
+
+    @app.on("echo")
+    def echo(conn: tether.Conn, data: Echo) -> Echo:
+        return Echo("Thanks for the message!", data.n)
+
+    return app
+
+
+def async_emit_app() -> tether.App:
+    app = tether.App()
+
+    @app.on("echo")
+    async def echo(conn: tether.Conn, data: Echo) -> None:
+        await conn.emit("echo", Echo("Thanks for the message!", data.n))
+
+    return app
+
+
+def async_request_app() -> tether.App:
+    app = tether.App()
+
+    @app.on("echo")
+    async def echo(conn: tether.Conn, data: Echo) -> Echo:
+        return Echo("Thanks for the message!", data.n)
+
+    return app
+
+
+# -- the raw baseline: what any msgspec server must do per message ------------------------
+
+
+class EchoIn(msgspec.Struct, tag="echo", tag_field="type"):
+    data: Echo
+    id: int | str | None = None
+
+
+class Out(msgspec.Struct, omit_defaults=True):
+    type: str
+    data: Echo
+    id: int | str | None = None
+
+
+def raw_baseline(wire: CountingWire) -> Callable[[Conn, str], None]:
+    decode = msgspec.json.Decoder(EchoIn).decode
+    encode = msgspec.json.Encoder().encode
+
+    def on_message(conn: Conn, text: str) -> None:
+        msg = decode(text)
+        wire.write(1, encode(Out("echo", Echo("Thanks for the message!", msg.data.n))))
+
+    return on_message
+
+
+def messages(n: int, *, with_id: bool) -> list[str]:
+    if with_id:
+        return [f'{{"type":"echo","data":{{"message":"hello server!","n":{i}}},"id":{i}}}' for i in range(n)]
+    return [f'{{"type":"echo","data":{{"message":"hello server!","n":{i}}}}}' for i in range(n)]
+
+
+# (label, app factory or None for the raw baseline, messages carry an id, expected first frame)
+CASES: list[tuple[str, Callable[[], tether.App] | None, bool, dict[str, object]]] = [
+    ("raw msgspec decode+encode", None, False,
+     {"type": "echo", "data": {"message": "Thanks for the message!", "n": 0}}),
+    ("sync handler, request+reply", sync_request_app, True,
+     {"type": "reply", "id": 0, "data": {"message": "Thanks for the message!", "n": 0}}),
+    ("async handler, emit", async_emit_app, False,
+     {"type": "echo", "data": {"message": "Thanks for the message!", "n": 0}}),
+    ("async handler, request+reply", async_request_app, True,
+     {"type": "reply", "id": 0, "data": {"message": "Thanks for the message!", "n": 0}}),
+]
+
+
+async def setup(factory: Callable[[], tether.App] | None) -> tuple[Conn, CountingWire, Callable[[Conn, str], None]]:
+    wire = CountingWire()
+    conn = Conn(wire, Request("/", {}, {}, ("127.0.0.1", 1)))
+    if factory is None:
+        return conn, wire, raw_baseline(wire)
+    app = factory()
+    app._prepare()
+    conn._typed = True
+    # The connection's own task, parked (App.__call__ would be awaiting the next message).
+    conn._host = asyncio.get_running_loop().create_task(asyncio.Event().wait())
+    return conn, wire, app._on_message
+
+
+def run_case(
+    loop: asyncio.AbstractEventLoop, factory: Callable[[], tether.App] | None, texts: list[str], repeats: int
+) -> tuple[float, CountingWire, bytes]:
+    """Best ns/message over ``repeats`` runs, each called from a loop callback (no current task)."""
+    conn, wire, on_message = loop.run_until_complete(setup(factory))
+
+    def in_callback(fn: Callable[[], int]) -> int:
+        done: asyncio.Future[int] = loop.create_future()
+        loop.call_soon(lambda: done.set_result(fn()))
+        return loop.run_until_complete(done)
+
+    def one_run() -> int:
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            start = time.perf_counter_ns()
+            for text in texts:
+                on_message(conn, text)
+            return time.perf_counter_ns() - start
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    in_callback(lambda: on_message(conn, texts[0]) or 0)  # the check: one frame, the expected one
+    first = wire.last if wire.frames == 1 else b""
+    wire.frames = 0
+    best = min(in_callback(one_run) for _ in range(repeats))
+    if conn._host is not None:
+        conn._host.cancel()
+        loop.run_until_complete(asyncio.gather(conn._host, return_exceptions=True))
+    return best / len(texts), wire, first
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="5,000 messages per repeat instead of 50,000")
+    parser.add_argument("--messages", type=int, help="messages per repeat (overrides --quick)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats per case; the best is reported")
+    args = parser.parse_args(argv)
+    n = args.messages or (5_000 if args.quick else 50_000)
+
+    loop = asyncio.new_event_loop()
+    loop.set_debug(False)  # PYTHONASYNCIODEBUG=1 (make test) would measure the debug checks
+    asyncio.set_event_loop(loop)
+    rows = []
+    failed = False
+    try:
+        for label, factory, with_id, expected in CASES:
+            texts = messages(n, with_id=with_id)
+            ns, wire, first = run_case(loop, factory, texts, args.repeats)
+            ok = wire.frames == n * args.repeats and first != b"" and msgspec.json.decode(first) == expected
+            if not ok:
+                failed = True
+                print(f"{label}: {wire.frames} frames for {n * args.repeats} messages, first {first!r}", file=sys.stderr)
+            rows.append((label, ns))
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+    print(f"tether micro-benchmark: best of {args.repeats} x {n:,} messages; Python {platform.python_version()},"
+          f" msgspec {msgspec.__version__}, {platform.machine()}")
+    print()
+    print("| case | ns/message |")
+    print("|---|---:|")
+    for label, ns in rows:
+        print(f"| {label} | {ns:,.0f} |")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
