@@ -303,7 +303,7 @@ class App:
             loose = _loose.decode(message)
         except msgspec.DecodeError:
             loose = None
-        id = loose.id if loose is not None and isinstance(loose.id, (int, str)) else None
+        id = loose.id if loose is not None and isinstance(loose.id, (int, str)) and not isinstance(loose.id, bool) else None
         if loose is None:
             code, text, path = ("bad_json", "invalid JSON", None) if not isinstance(exc, msgspec.ValidationError) else ("bad_envelope", "the message must be a JSON object with a string \"type\"", None)
         elif not isinstance(loose.type, str) or not isinstance(exc, msgspec.ValidationError):
