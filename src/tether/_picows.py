@@ -31,7 +31,7 @@ from picows import (
 
 from .conn import Conn, Request
 from .errors import InvalidHandshake
-from .protocol import OP_BINARY, OP_TEXT, CloseReceived, Fail, Receiver
+from .protocol import OP_BINARY, OP_TEXT, CloseReceived, Fail, Receiver, frame_header
 
 __all__ = ["Accept", "HttpResponse", "TransportSettings", "create_server", "open_connection"]
 
@@ -99,7 +99,10 @@ Route = Callable[[Request], "HttpResponse | Accept"]
 class _Listener(WSListener):
     """Feeds picows frames to a :class:`Conn`; also the ``Wire`` that ``Conn`` writes to."""
 
-    __slots__ = ("request", "conn", "_on_open", "_settings", "_is_client", "_receiver", "_max", "_transport", "_raw")
+    __slots__ = (
+        "request", "conn", "_on_open", "_settings", "_is_client", "_receiver", "_max", "_transport", "_raw",
+        "_corked", "_pending",
+    )
 
     def __init__(self, request: Request, on_open: OnOpen | None, settings: TransportSettings, *, is_client: bool) -> None:
         self.request = request
@@ -111,6 +114,11 @@ class _Listener(WSListener):
         self._max = settings.max_message_size or 1 << 62
         self._transport: WSTransport | None = None
         self._raw: asyncio.Transport | None = None
+        # Corked while picows hands over the frames of one read: the replies they produce
+        # leave in one write(2) when the last one is handled (server frames are unmasked, so
+        # we can build them; a client's must be masked, so clients never cork).
+        self._corked = False
+        self._pending: list[bytes] = []
 
     # -- picows callbacks ----------------------------------------------------------------
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -128,6 +136,24 @@ class _Listener(WSListener):
             self._on_open(self.conn)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.last_in_buffer:
+            self._frame(frame)
+            if self._corked:
+                self._uncork()
+        else:
+            self._corked = not self._is_client
+            self._frame(frame)
+
+    def _uncork(self) -> None:
+        """Write every frame produced while corked, in one write."""
+        self._corked = False
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            assert self._raw is not None
+            self._raw.write(data)
+
+    def _frame(self, frame: WSFrame) -> None:
         conn = self.conn
         assert conn is not None
         msg_type = frame.msg_type
@@ -182,6 +208,9 @@ class _Listener(WSListener):
 
     # -- Wire ----------------------------------------------------------------------------
     def write(self, opcode: int, payload: bytes) -> None:
+        if self._corked:
+            self._pending += (frame_header(opcode, len(payload)), payload)
+            return
         assert self._transport is not None
         self._transport.send(_MSG_TYPE[opcode], payload)
 
@@ -190,18 +219,27 @@ class _Listener(WSListener):
 
         picows writes its own frames synchronously too, so whole frames never interleave.
         """
+        if self._corked:
+            self._pending.append(frame)
+            return
         assert self._raw is not None
         self._raw.write(frame)
 
     def write_close(self, code: int, reason: str) -> None:
+        if self._corked:
+            self._uncork()
         assert self._transport is not None
         self._transport.send_close(code, reason.encode())  # type: ignore[arg-type]  # any int code works
 
     def ping(self, payload: bytes) -> None:
+        if self._corked:
+            self._uncork()
         assert self._transport is not None
         self._transport.send_ping(payload)
 
     def pong(self, payload: bytes) -> None:
+        if self._corked:
+            self._uncork()
         assert self._transport is not None
         self._transport.send_pong(payload)
 
@@ -214,6 +252,8 @@ class _Listener(WSListener):
             self._raw.resume_reading()
 
     def disconnect(self) -> None:
+        if self._corked:
+            self._uncork()
         if self._transport is not None:
             self._transport.disconnect()
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import codecs
 import enum
+import struct
 from dataclasses import dataclass
 from typing import Final
 
@@ -44,6 +45,8 @@ __all__ = [
     "Fail",
     "Receiver",
     "close_payload",
+    "encode_frame",
+    "frame_header",
     "is_valid_close_code",
 ]
 
@@ -309,3 +312,23 @@ class Receiver:
         self._failure = Fail(code, reason)
         self._state = _State.FAILED
         return self._failure
+
+
+# -- sending (servers) ----------------------------------------------------------------------
+def frame_header(opcode: int, length: int) -> bytes:
+    """The header of a final, unmasked server frame (RFC 6455 section 5.2).
+
+    FIN=1, RSV=0, the opcode; MASK=0 (servers never mask, section 5.1); then the payload
+    length in 7 bits, or 126 + 16 bits, or 127 + 64 bits, in network byte order.
+    """
+    first = 0x80 | opcode
+    if length < 126:
+        return bytes((first, length))
+    if length < 1 << 16:
+        return struct.pack("!BBH", first, 126, length)
+    return struct.pack("!BBQ", first, 127, length)
+
+
+def encode_frame(opcode: int, payload: bytes) -> bytes:
+    """A whole unmasked server frame: the bytes every receiver of a broadcast gets."""
+    return frame_header(opcode, len(payload)) + payload

@@ -28,7 +28,6 @@ import inspect
 import itertools
 import logging
 import secrets
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -39,7 +38,7 @@ import msgspec
 from .broker import Broker, make_broker
 from .conn import Conn, ConnState
 from .errors import ReplyError
-from .protocol import OP_BINARY, OP_TEXT
+from .protocol import OP_BINARY, OP_TEXT, encode_frame, frame_header
 
 __all__ = ["Hub", "Member", "frame_header", "encode_frame"]
 
@@ -47,25 +46,6 @@ logger = logging.getLogger("tether.rooms")
 
 
 # -- frames (pure) -------------------------------------------------------------------------
-def frame_header(opcode: int, length: int) -> bytes:
-    """The header of a final, unmasked server frame (RFC 6455 section 5.2).
-
-    FIN=1, RSV=0, the opcode; MASK=0 (servers never mask, section 5.1); then the payload
-    length in 7 bits, or 126 + 16 bits, or 127 + 64 bits, in network byte order.
-    """
-    first = 0x80 | opcode
-    if length < 126:
-        return bytes((first, length))
-    if length < 1 << 16:
-        return struct.pack("!BBH", first, 126, length)
-    return struct.pack("!BBQ", first, 127, length)
-
-
-def encode_frame(opcode: int, payload: bytes) -> bytes:
-    """A whole unmasked server frame: the bytes every receiver of a broadcast gets."""
-    return frame_header(opcode, len(payload)) + payload
-
-
 # -- what travels between processes (pure) --------------------------------------------------
 _NODE_LEN = 12  # secrets.token_hex(6)
 
