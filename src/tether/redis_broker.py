@@ -32,8 +32,7 @@ import enum
 import logging
 import random
 from collections import deque
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 try:
@@ -52,7 +51,6 @@ __all__ = ["RedisBroker", "LinkState"]
 logger = logging.getLogger("tether.redis")
 
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
-T = TypeVar("T")
 
 
 class LinkState(enum.Enum):
@@ -324,7 +322,7 @@ class RedisBroker(Broker):
 
     # -- Broker --------------------------------------------------------------------------
     async def subscribe(self, room: str) -> None:
-        return await _in_task(self._subscribe(room))
+        return await self._subscribe(room)
 
     async def _subscribe(self, room: str) -> None:
         channel = self._channel(room)
@@ -341,7 +339,7 @@ class RedisBroker(Broker):
             logger.debug("subscribe to %r failed (%s); the reconnect will retry", room, exc)
 
     async def unsubscribe(self, room: str) -> None:
-        return await _in_task(self._unsubscribe(room))
+        return await self._unsubscribe(room)
 
     async def _unsubscribe(self, room: str) -> None:
         channel = self._channel(room)
@@ -364,7 +362,7 @@ class RedisBroker(Broker):
         self._wake.set()
 
     async def put_member(self, room: str, member: str, meta: bytes) -> None:
-        return await _in_task(self._put_member(room, member, meta))
+        return await self._put_member(room, member, meta)
 
     async def _put_member(self, room: str, member: str, meta: bytes) -> None:
         self._local.setdefault(room, {})[member] = meta
@@ -383,7 +381,7 @@ class RedisBroker(Broker):
             logger.debug("presence write for %r failed (%s); the heartbeat will retry", room, exc)
 
     async def drop_member(self, room: str, member: str) -> None:
-        return await _in_task(self._drop_member(room, member))
+        return await self._drop_member(room, member)
 
     async def _drop_member(self, room: str, member: str) -> None:
         members = self._local.get(room)
@@ -401,7 +399,7 @@ class RedisBroker(Broker):
 
     async def members(self, room: str) -> dict[str, bytes]:
         """Members on every node; only this node's while Redis is away."""
-        return await _in_task(self._members(room))
+        return await self._members(room)
 
     async def _members(self, room: str) -> dict[str, bytes]:
         if self.state is LinkState.UP:
@@ -429,17 +427,6 @@ class RedisBroker(Broker):
         if gone:
             await self._client.srem(self._nodes(room), *gone)
         return found
-
-
-async def _in_task(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` in a task if we are not in one.
-
-    App handlers start eagerly, outside any task, and redis-py uses ``asyncio.timeout``,
-    which needs one.
-    """
-    if asyncio.current_task() is not None:
-        return await coro
-    return await asyncio.get_running_loop().create_task(coro)
 
 
 def _redact(url: str) -> str:

@@ -45,6 +45,7 @@ from .client import connect
 from .conn import Conn
 from .envelope import encode_message
 from .errors import ConnectionClosed, InvalidHandshake, ReplyError, TetherError
+from .protocol import OP_TEXT
 
 __all__ = ["Client", "ConnectionLost", "OutboxOverflow", "ClientClosed"]
 
@@ -304,7 +305,7 @@ class Client:
         conn = self._conn
         if self.state == "open" and conn is not None:
             try:
-                conn._write(1, payload)
+                conn._write(OP_TEXT, payload)
             except ConnectionClosed:
                 pass
             else:
@@ -324,7 +325,7 @@ class Client:
     def _flush(self, conn: Conn) -> None:
         while self._outbox and self._conn is conn:
             payload, id = self._outbox.popleft()
-            conn._write(1, payload)
+            conn._write(OP_TEXT, payload)
             if id is not None:
                 self._in_flight.add(id)
 
