@@ -1,0 +1,1 @@
+"""The video-call demo (``make demo``): see docs/demo.md."""

@@ -1,0 +1,475 @@
+// The call page (/call?room=<name>): camera and microphone, the tether connection, who is in
+// the call, one Peer per other participant, the chat and the controls.
+//
+// Each (re)connection joins the call afresh: tether gives it a new member id, so the page drops
+// the peer connections of its previous connection once the join reply is in and negotiates new
+// ones (video keeps flowing on the old ones until then). Presence is the join reply's list plus
+// the `presence` and `state` events after it (roster.js); chat lines merge by (epoch, seq).
+import { connect } from "/tether.js";
+import { ChatLog } from "./chat.js";
+import { fillIcons, icon } from "./icons.js";
+import { bestGrid } from "./layout.js";
+import { ROOM_NAME, callLink, initials, randomName } from "./names.js";
+import { Peer } from "./peer.js";
+import { Roster, isPolite } from "./roster.js";
+import { watch } from "./status.js";
+
+const VIDEO = { width: { ideal: 640 }, height: { ideal: 360 }, frameRate: { ideal: 24 } };
+const NAME_KEY = "tether-call.name";
+const EARLY_SIGNALS = 500; // signals that beat our join reply, kept until it comes
+
+const $ = (id) => document.getElementById(id);
+const room = new URLSearchParams(location.search).get("room") ?? "";
+const me = { name: (localStorage.getItem(NAME_KEY) || randomName()).slice(0, 40), mic: true, cam: true };
+
+/** Everything the page knows; `window.call` for the curious (and the tests). */
+const call = {
+  room,
+  me,
+  client: null,
+  stream: null,
+  iceServers: [],
+  myId: null, // our member id on the current connection, once its join reply is in
+  selfId: null, // our entry in the roster shown (kept while reconnecting)
+  generation: 0, // counts connections: replies for an older one are ignored
+  roster: new Roster(),
+  peers: new Map(), // member id -> Peer
+  early: [], // signals received before the join reply
+  held: null, // signals held back by hold() (tests: make offers cross)
+  chat: new ChatLog(),
+  unsent: [], // chat texts waiting for a joined connection
+  sending: false,
+  connectionLog: [],
+  soundBlocked: false,
+  left: false,
+  hold() { call.held ??= []; },
+  release() {
+    const held = call.held ?? [];
+    call.held = null;
+    for (const message of held) receiveSignal(message);
+  },
+  summary,
+};
+window.call = call;
+
+fillIcons();
+if (ROOM_NAME.test(room)) start();
+else end("This is not a call link.", "Call links look like /call?room=amber-otter-4821. Start one from the home page.", { rejoin: false });
+
+async function start() {
+  $("room-name").textContent = room;
+  document.title = `${room} · tether call`;
+  call.stream = await openMedia();
+  wireControls();
+  new ResizeObserver(layout).observe($("grid"));
+  render();
+  const client = (call.client = connect("/ws", { backoff: { base: 0.5, cap: 8 } }));
+  call.connectionLog = watch(client, $("conn"));
+  client.addEventListener("open", join);
+  client.addEventListener("close", disconnected);
+  client.on("presence", (diff) => changed(() => call.roster.apply(diff)));
+  client.on("state", ({ id, meta }) => changed(() => call.roster.apply({ event: "update", id, meta })));
+  client.on("signal", receiveSignal);
+  client.on("chat", (line) => addChat([line]));
+}
+
+async function openMedia() {
+  if (!navigator.mediaDevices) {
+    me.mic = me.cam = false;
+    notice("Camera and microphone need https (or localhost): you can watch, listen and chat.");
+    return null;
+  }
+  try {
+    return await navigator.mediaDevices.getUserMedia({ audio: true, video: VIDEO });
+  } catch (error) {
+    for (const [constraints, off, text] of [[{ audio: true }, "cam", "No camera"], [{ video: VIDEO }, "mic", "No microphone"]]) {
+      try {
+        const stream = await navigator.mediaDevices.getUserMedia(constraints);
+        me[off] = false;
+        notice(`${text} (${error.name}): the others see what you have.`);
+        return stream;
+      } catch { /* try the next */ }
+    }
+    me.mic = me.cam = false;
+    notice(`No camera or microphone (${error.name}): you can watch, listen and chat.`);
+    return null;
+  }
+}
+
+// -- the connection -----------------------------------------------------------------------------
+
+async function join() {
+  const generation = ++call.generation;
+  try {
+    const [config, reply] = await Promise.all([
+      call.client.request("config"),
+      call.client.request("join", { room, meta: me }),
+    ]);
+    if (generation !== call.generation) return;
+    call.iceServers = config.iceServers;
+    call.myId = call.selfId = reply.id;
+    changed(() => call.roster.sync(reply.presence));
+    for (const message of call.early.splice(0)) receiveSignal(message);
+    addChat(await call.client.request("history"));
+    flushChat();
+  } catch (error) {
+    if (error.name !== "ReplyError" || generation !== call.generation) return; // dropped: the next open joins
+    if (error.code === "call_full") {
+      call.client.close();
+      end("This call is full.", error.message, { rejoin: true });
+    } else {
+      notice(error.message);
+    }
+  }
+}
+
+function disconnected() {
+  call.generation += 1;
+  call.myId = null;
+  call.early = [];
+  call.roster.unsync();
+  render();
+}
+
+/** Apply a presence change, then bring the peer connections and the page in line. */
+function changed(update) {
+  update();
+  syncPeers();
+  render();
+}
+
+function syncPeers() {
+  const { roster, myId, peers } = call;
+  if (!roster.synced || myId === null) return;
+  for (const [id, peer] of peers) {
+    if (peer.self !== myId || !roster.has(id)) {
+      peer.close();
+      peers.delete(id);
+    }
+  }
+  const self = { id: myId, meta: roster.get(myId) };
+  if (self.meta === undefined) return;
+  for (const [id, meta] of roster.entries()) {
+    if (id === myId || peers.has(id)) continue;
+    const peer = new Peer({
+      id,
+      polite: isPolite(self, { id, meta }),
+      stream: call.stream,
+      iceServers: call.iceServers,
+      send: (signal) => sendSignal(myId, id, signal),
+      onChange: () => render(),
+    });
+    peer.self = myId;
+    peers.set(id, peer);
+  }
+}
+
+function sendSignal(from, to, signal) {
+  // Only on the connection the peer was made for: a later one has another member id.
+  if (from === call.myId && call.client.state === "open") call.client.send("signal", { to, ...signal });
+}
+
+function receiveSignal(message) {
+  if (call.held !== null) return void call.held.push(message);
+  if (call.myId === null) {
+    call.early.push(message);
+    if (call.early.length > EARLY_SIGNALS) call.early.shift();
+    return;
+  }
+  const { from, ...signal } = message;
+  call.peers.get(from)?.receive(signal); // unknown: not (or no longer) in the call
+}
+
+// -- what the user does -------------------------------------------------------------------------
+
+function wireControls() {
+  $("mic").addEventListener("click", () => setMedia("mic", !me.mic));
+  $("cam").addEventListener("click", () => setMedia("cam", !me.cam));
+  $("leave").addEventListener("click", leave);
+  $("copy-link").addEventListener("click", copyLink);
+  $("chat-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = $("chat-text").value.trim();
+    if (text) say(text);
+    $("chat-text").value = "";
+  });
+  $("sound").querySelector("button").addEventListener("click", enableSound);
+}
+
+function setMedia(kind, on) {
+  const tracks = (kind === "mic" ? call.stream?.getAudioTracks() : call.stream?.getVideoTracks()) ?? [];
+  if (tracks.length === 0) return;
+  for (const track of tracks) track.enabled = on;
+  me[kind] = on;
+  publishState();
+}
+
+function rename(name) {
+  name = name.trim().slice(0, 40);
+  if (!name || name === me.name) return render();
+  me.name = name;
+  localStorage.setItem(NAME_KEY, name);
+  publishState();
+}
+
+function publishState() {
+  render();
+  // Not joined: the next join carries `me`. A request lost with its socket: the same.
+  if (call.myId !== null) call.client.request("state", me).catch(() => {});
+}
+
+function say(text) {
+  call.unsent.push(text);
+  renderChat();
+  flushChat();
+}
+
+/** Send the waiting chat lines, one at a time, while joined (a request sent before the join
+ * would reach the server before the join and be refused). */
+async function flushChat() {
+  if (call.sending) return;
+  call.sending = true;
+  try {
+    while (call.myId !== null && call.unsent.length > 0) {
+      try {
+        addChat([await call.client.request("chat", { text: call.unsent[0] })]);
+      } catch (error) {
+        if (error.name !== "ReplyError") break; // the socket dropped: the next join sends it
+        notice(error.message);
+      }
+      call.unsent.shift();
+    }
+  } finally {
+    call.sending = false;
+    renderChat();
+  }
+}
+
+function addChat(lines) {
+  if (call.chat.add(lines)) renderChat();
+}
+
+async function leave() {
+  call.left = true;
+  try {
+    if (call.myId !== null) await call.client.request("leave", { room }, { timeout: 2000 });
+  } catch { /* closing anyway */ }
+  call.client.close();
+  for (const peer of call.peers.values()) peer.close();
+  call.peers.clear();
+  for (const track of call.stream?.getTracks() ?? []) track.stop();
+  end("You left the call.", `The others in ${room} carry on without you.`);
+}
+
+async function copyLink() {
+  const label = $("copy-link").querySelector("span");
+  try {
+    await navigator.clipboard.writeText(callLink(room));
+    label.textContent = "Copied";
+  } catch {
+    label.textContent = callLink(room); // no clipboard here: show it to copy by hand
+  }
+  setTimeout(() => { label.textContent = "Copy link"; }, 2500);
+}
+
+function enableSound() {
+  call.soundBlocked = false;
+  $("sound").hidden = true;
+  for (const video of document.querySelectorAll(".tile.remote video")) {
+    video.muted = false;
+    video.play().catch(() => {});
+  }
+}
+
+// -- drawing ------------------------------------------------------------------------------------
+
+function render() {
+  if (call.left) return;
+  renderGrid();
+  renderPeople();
+  renderControls();
+}
+
+/** The others in the roster shown (the last one known while reconnecting), in seat order. */
+function others() {
+  return call.roster.entries().filter(([id]) => id !== call.selfId);
+}
+
+function renderGrid() {
+  const grid = $("grid");
+  const tiles = [["me", { ...me, seat: 0 }], ...others()];
+  if (grid.dataset.count !== String(tiles.length)) {
+    grid.dataset.count = String(tiles.length);
+    layout();
+  }
+  keyed(grid, tiles, (id) => newTile(id), (tile, [id, meta]) => {
+    const peer = id === "me" ? null : call.peers.get(id);
+    const stream = id === "me" ? call.stream : peer?.remote ?? null;
+    const showVideo = Boolean(meta.cam && stream?.getVideoTracks().length);
+    tile.classList.toggle("no-video", !showVideo);
+    tile.querySelector(".name").textContent = id === "me" ? `${me.name} (you)` : meta.name;
+    tile.querySelector(".avatar span").textContent = initials(meta.name);
+    tile.querySelector(".avatar").style.setProperty("--hue", hue(meta.name));
+    tile.querySelector(".mic-off").hidden = meta.mic;
+    const link = id === "me" ? "" : peerLabel(peer);
+    tile.querySelector(".link").textContent = link;
+    tile.querySelector(".link").hidden = !link;
+    attach(tile.querySelector("video"), stream, id === "me");
+  });
+}
+
+function layout() {
+  const grid = $("grid");
+  const { tile } = bestGrid(Number(grid.dataset.count), grid.clientWidth, grid.clientHeight);
+  grid.style.setProperty("--tile", `${Math.max(tile, 120)}px`);
+}
+
+function peerLabel(peer) {
+  if (!peer || call.myId === null) return "Reconnecting…";
+  return { new: "Connecting…", connecting: "Connecting…", connected: "", disconnected: "Connection lost…", failed: "Reconnecting media…", closed: "" }[peer.state] ?? "";
+}
+
+function newTile(id) {
+  const tile = document.createElement("figure");
+  tile.className = id === "me" ? "tile local" : "tile remote";
+  tile.innerHTML = `<video autoplay playsinline></video>
+    <div class="avatar"><span></span></div>
+    <figcaption><span class="mic-off" title="Muted">${icon("micOff", { size: 16 })}</span><span class="name"></span></figcaption>
+    <span class="link"></span>`;
+  return tile;
+}
+
+function attach(video, stream, local) {
+  if (video.srcObject === stream) return;
+  video.srcObject = stream;
+  video.muted = local || call.soundBlocked;
+  video.play().catch((error) => {
+    if (error.name !== "NotAllowedError" || local) return;
+    call.soundBlocked = true; // autoplay with sound needs a click on this page first
+    $("sound").hidden = false;
+    video.muted = true;
+    video.play().catch(() => {});
+  });
+}
+
+function renderPeople() {
+  const entries = call.roster.size > 0 && call.selfId !== null ? call.roster.entries() : [["me", { ...me, seat: 0 }]];
+  $("people-count").textContent = String(entries.length);
+  keyed($("people"), entries, (id) => newPerson(id), (item, [id, meta]) => {
+    const mine = id === call.selfId || id === "me";
+    item.classList.toggle("mine", mine);
+    const shown = mine ? me : meta;
+    const input = item.querySelector("input");
+    input.hidden = !mine;
+    if (mine && document.activeElement !== input) input.value = me.name;
+    item.querySelector(".name").hidden = mine;
+    item.querySelector(".name").textContent = meta.name;
+    item.querySelector(".avatar span").textContent = initials(shown.name);
+    item.querySelector(".avatar").style.setProperty("--hue", hue(shown.name));
+    item.querySelector(".state").innerHTML =
+      (shown.mic ? icon("mic", { size: 16, label: "mic on" }) : `<span class="off">${icon("micOff", { size: 16, label: "muted" })}</span>`) +
+      (shown.cam ? icon("cam", { size: 16, label: "camera on" }) : `<span class="off">${icon("camOff", { size: 16, label: "camera off" })}</span>`);
+    item.dataset.mic = String(shown.mic);
+    item.dataset.cam = String(shown.cam);
+    const peer = call.peers.get(id);
+    item.dataset.link = mine ? "self" : peer?.state ?? "none";
+  });
+}
+
+function newPerson(id) {
+  const item = document.createElement("li");
+  item.innerHTML = `<span class="avatar sm"><span></span></span>
+    <span class="name"></span>
+    <label class="rename"><input maxlength="40" aria-label="Your name" spellcheck="false">${icon("edit", { size: 14 })}</label>
+    <span class="state"></span>`;
+  const input = item.querySelector("input");
+  input.addEventListener("change", () => rename(input.value));
+  input.addEventListener("keydown", (event) => { if (event.key === "Enter") input.blur(); });
+  return item;
+}
+
+function renderControls() {
+  for (const [kind, on, onText, offText, tracks] of [
+    ["mic", me.mic, "Mute", "Unmute", call.stream?.getAudioTracks() ?? []],
+    ["cam", me.cam, "Stop video", "Start video", call.stream?.getVideoTracks() ?? []],
+  ]) {
+    const button = $(kind);
+    button.classList.toggle("off", !on);
+    button.setAttribute("aria-pressed", String(!on));
+    button.disabled = tracks.length === 0;
+    button.querySelector(".text").textContent = on ? onText : offText;
+  }
+}
+
+function renderChat() {
+  const list = $("chat-lines");
+  const stick = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  const lines = call.chat.lines.map((line) => ({ key: `${line.epoch}:${line.seq}`, line }));
+  const unsent = call.unsent.map((text, index) => ({ key: `unsent:${index}:${text}`, line: { name: me.name, text, from: "me" } }));
+  keyed(list, [...lines, ...unsent].map((entry) => [entry.key, entry.line]), () => newLine(), (item, [key, line]) => {
+    const mine = line.from === "me" || line.from === call.myId || line.from === call.selfId;
+    item.classList.toggle("mine", mine);
+    item.classList.toggle("unsent", key.startsWith("unsent:"));
+    item.querySelector(".who").textContent = mine ? "You" : line.name;
+    item.querySelector("time").textContent = line.at ? new Date(line.at).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }) : "sending…";
+    item.querySelector(".text").textContent = line.text;
+  });
+  if (stick) list.scrollTop = list.scrollHeight;
+}
+
+function newLine() {
+  const item = document.createElement("li");
+  item.innerHTML = `<div class="line-meta"><span class="who"></span><time></time></div><div class="text"></div>`;
+  return item;
+}
+
+/** Make `container`'s children match `entries` ([key, value]) in order, reusing them by key. */
+function keyed(container, entries, create, update) {
+  const existing = new Map([...container.children].map((element) => [element.dataset.id, element]));
+  entries.forEach((entry, index) => {
+    const key = entry[0];
+    let element = existing.get(key);
+    if (element === undefined) {
+      element = create(key);
+      element.dataset.id = key;
+    }
+    existing.delete(key);
+    if (container.children[index] !== element) container.insertBefore(element, container.children[index] ?? null);
+    update(element, entry);
+  });
+  for (const element of existing.values()) element.remove();
+}
+
+function hue(name) {
+  let h = 0;
+  for (const char of name) h = (h * 31 + char.codePointAt(0)) % 360;
+  return String(h);
+}
+
+function notice(text) {
+  const box = $("notice");
+  box.textContent = text;
+  box.hidden = false;
+  clearTimeout(notice.timer);
+  notice.timer = setTimeout(() => { box.hidden = true; }, 8000);
+}
+
+function end(title, text, { rejoin = true } = {}) {
+  document.body.classList.add("is-ended");
+  $("ended-title").textContent = title;
+  $("ended-text").textContent = text;
+  $("rejoin").hidden = !rejoin;
+  $("rejoin").href = callLink(room);
+  $("ended").hidden = false;
+}
+
+/** A JSON-able picture of the call, for tests and the console. */
+function summary() {
+  return {
+    myId: call.myId,
+    connection: call.client?.state ?? null,
+    roster: call.roster.entries().map(([id, meta]) => ({ id, ...meta })),
+    peers: [...call.peers.values()].map((peer) => ({ id: peer.id, polite: peer.polite, state: peer.state, stats: { ...peer.stats } })),
+    chat: call.chat.lines.map((line) => line.text),
+  };
+}
