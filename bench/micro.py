@@ -4,8 +4,8 @@
     python bench/micro.py --quick    # 5,000 messages (what tests/test_bench_micro.py runs)
 
 Each case feeds ``{"type":"echo","data":{"message":"hello server!","n":N}}`` (N = 0, 1, ...)
-to ``App._on_message(conn, text)``, the call a transport makes for every text message, on a
-``Conn`` whose wire only counts the frames written. It is called from a plain loop callback
+to the App's per-connection dispatcher, ``Dispatcher.message(text)`` (what ``Conn.on_message``
+calls for every text message), on a ``Conn`` whose transport only counts the frames written. It is called from a plain loop callback
 with the connection's task set aside, as picows' ``data_received`` does, so the App takes its
 production path (enter the connection's task, handle, leave). Cases:
 
@@ -34,7 +34,8 @@ from collections.abc import Callable
 import msgspec
 
 import tether
-from tether.conn import Conn, Request
+from tether.app.dispatch import Dispatcher
+from tether.conn import Conn, ConnSettings, make_request
 
 
 class Echo(msgspec.Struct):
@@ -43,7 +44,7 @@ class Echo(msgspec.Struct):
 
 
 class CountingWire:
-    """A :class:`tether.conn.Wire` that keeps only the count and the last frame written."""
+    """A :class:`tether.conn.Transport` that keeps only the count and the last frame written."""
 
     def __init__(self) -> None:
         self.frames = 0
@@ -53,12 +54,16 @@ class CountingWire:
         self.frames += 1
         self.last = payload
 
+    def write_frame(self, frame: bytes, opcode: int, payload: bytes) -> None:
+        self.write(opcode, payload)
+
     def write_close(self, code: int, reason: str) -> None: ...
     def ping(self, payload: bytes) -> None: ...
     def pong(self, payload: bytes) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def disconnect(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 def sync_request_app() -> tether.App:
@@ -105,11 +110,11 @@ class Out(msgspec.Struct, omit_defaults=True):
     id: int | str | None = None
 
 
-def raw_baseline(wire: CountingWire) -> Callable[[Conn, str], None]:
+def raw_baseline(wire: CountingWire) -> Callable[[str], object]:
     decode = msgspec.json.Decoder(EchoIn).decode
     encode = msgspec.json.Encoder().encode
 
-    def on_message(conn: Conn, text: str) -> None:
+    def on_message(text: str) -> None:
         msg = decode(text)
         wire.write(1, encode(Out("echo", Echo("Thanks for the message!", msg.data.n))))
 
@@ -135,24 +140,23 @@ CASES: list[tuple[str, Callable[[], tether.App] | None, bool, dict[str, object]]
 ]
 
 
-async def setup(factory: Callable[[], tether.App] | None) -> tuple[Conn, CountingWire, Callable[[Conn, str], None]]:
+async def setup(factory: Callable[[], tether.App] | None) -> tuple[asyncio.Task[None] | None, CountingWire, Callable[[str], object]]:
     wire = CountingWire()
-    conn = Conn(wire, Request("/", {}, {}, ("127.0.0.1", 1)))
+    conn = Conn(wire, make_request("/", (), ("127.0.0.1", 1)), ConnSettings(ping_interval=None))
     if factory is None:
-        return conn, wire, raw_baseline(wire)
-    app = factory()
-    app._prepare()
-    conn._typed = True
-    # The connection's own task, parked (App.__call__ would be awaiting the next message).
-    conn._host = asyncio.get_running_loop().create_task(asyncio.Event().wait())
-    return conn, wire, app._on_message
+        return None, wire, raw_baseline(wire)
+    dispatcher = Dispatcher(conn, factory().table())
+    # The connection's own task, parked in Dispatcher.run (awaiting the next message).
+    host = asyncio.get_running_loop().create_task(dispatcher.run())
+    await asyncio.sleep(0)
+    return host, wire, dispatcher.message
 
 
 def run_case(
     loop: asyncio.AbstractEventLoop, factory: Callable[[], tether.App] | None, texts: list[str], repeats: int
 ) -> tuple[float, CountingWire, bytes]:
     """Best ns/message over ``repeats`` runs, each called from a loop callback (no current task)."""
-    conn, wire, on_message = loop.run_until_complete(setup(factory))
+    host, wire, on_message = loop.run_until_complete(setup(factory))
 
     def in_callback(fn: Callable[[], int]) -> int:
         done: asyncio.Future[int] = loop.create_future()
@@ -165,19 +169,19 @@ def run_case(
         try:
             start = time.perf_counter_ns()
             for text in texts:
-                on_message(conn, text)
+                on_message(text)
             return time.perf_counter_ns() - start
         finally:
             if gc_was_enabled:
                 gc.enable()
 
-    in_callback(lambda: on_message(conn, texts[0]) or 0)  # the check: one frame, the expected one
+    in_callback(lambda: on_message(texts[0]) and 0)  # the check: one frame, the expected one
     first = wire.last if wire.frames == 1 else b""
     wire.frames = 0
     best = min(in_callback(one_run) for _ in range(repeats))
-    if conn._host is not None:
-        conn._host.cancel()
-        loop.run_until_complete(asyncio.gather(conn._host, return_exceptions=True))
+    if host is not None:
+        host.cancel()
+        loop.run_until_complete(asyncio.gather(host, return_exceptions=True))
     return best / len(texts), wire, first
 
 

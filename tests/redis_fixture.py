@@ -181,7 +181,7 @@ class Peer:
         try:
             await asyncio.wait_for(self.conn.close(), 1.0)
         except (asyncio.TimeoutError, tether.ConnectionClosed):
-            self.conn._wire.disconnect()
+            self.conn._transport.disconnect()
             await self.conn.wait_closed()
 
 

@@ -16,8 +16,8 @@ from starlette.routing import Mount, WebSocketRoute
 import tether
 from conftest import echo, timeout
 from tether.asgi import ASGIApp, ASGIWire, asgi
-from tether.conn import Conn, Request
-from tether.protocol import OP_BINARY, OP_TEXT
+from tether.conn import Conn, ConnSettings, make_request
+from tether.proto.frames import OP_BINARY, OP_TEXT
 from test_app import start_uvicorn
 
 
@@ -219,7 +219,7 @@ async def settle() -> None:
 
 def wire_conn(fake: FakeASGI, **settings: Any) -> tuple[ASGIWire, Conn]:
     wire = ASGIWire(fake.receive, fake.send, **settings)
-    conn = Conn(wire, Request("/", {}, {}, None), max_queue=4)
+    conn = Conn(wire, make_request("/"), ConnSettings(max_queue=4, ping_interval=None))
     wire.start(conn)
     return wire, conn
 
@@ -228,10 +228,10 @@ async def test_wire_pauses_writers_over_limit_and_resumes_when_drained() -> None
     fake = FakeASGI()
     fake.open.clear()  # the peer does not read
     wire, conn = wire_conn(fake, write_limit=100)
-    conn._write(OP_TEXT, b"x" * 60)
-    conn._write(OP_BINARY, b"y" * 30)
+    conn.write(OP_TEXT, b"x" * 60)
+    conn.write(OP_BINARY, b"y" * 30)
     assert not conn._write_paused and wire.pending == 90
-    conn._write(OP_TEXT, b"z" * 20)
+    conn.write(OP_TEXT, b"z" * 20)
     assert conn._write_paused and wire.pending == 110
     sender = asyncio.create_task(conn.send("after"))
     await settle()
@@ -299,9 +299,9 @@ async def test_wire_send_after_peer_left_marks_conn_lost() -> None:
         raise OSError("client disconnected")
 
     wire = ASGIWire(fake.receive, send)
-    conn = Conn(wire, Request("/", {}, {}, None))
+    conn = Conn(wire, make_request("/"), ConnSettings(ping_interval=None))
     wire.start(conn)
-    conn._write(OP_TEXT, b"lost")
+    conn.write(OP_TEXT, b"lost")
     async with timeout(5):
         await conn.wait_closed()
     assert conn.close_code == 1006

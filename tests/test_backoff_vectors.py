@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tether.backoff import Backoff, backoff_delay, retry_after, should_reconnect
-from tether.keepalive import heartbeat_due, liveness
+from tether.proto.backoff import Backoff, backoff_delay, retry_after, should_reconnect
+from tether.proto.keepalive import heartbeat_due, liveness
 
 VECTORS = Path(__file__).parent / "vectors"
 

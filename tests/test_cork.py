@@ -29,8 +29,8 @@ def _app(counters: list[_CountingTransport]) -> tether.App:
 
     @app.on_connect
     def wrap(conn: tether.Conn) -> None:
-        counter = _CountingTransport(conn._wire._raw)  # type: ignore[attr-defined]
-        conn._wire._raw = counter  # type: ignore[attr-defined]
+        counter = _CountingTransport(conn._transport._raw)  # type: ignore[attr-defined]
+        conn._transport._raw = counter  # type: ignore[attr-defined]
         counters.append(counter)
 
     @app.on("echo")

@@ -32,7 +32,7 @@ from rawws import RawWS
 
 import tether
 import tether.testing
-from tether.protocol import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, CloseReceived, Fail, Receiver
+from tether.proto.frames import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, CloseReceived, Fail, Receiver
 
 
 def fuzz(max_examples: int) -> settings:

@@ -24,7 +24,7 @@ from conftest import TIMEOUT_SCALE, timeout, within
 from idle_proxy import IdleProxy
 from servers.reconnect_app import ClientEvents, make_app, write_page
 from tests.browser import chromium
-from tether.backoff import Backoff
+from tether.proto.backoff import Backoff
 
 S = TIMEOUT_SCALE
 IDLE = 1.0 * S  # the proxy's idle timeout, N

@@ -1,6 +1,6 @@
 """The server's protocol-level keepalive decisions (pure, no sockets)."""
 
-from tether.keepalive import Pinger
+from tether.proto.keepalive import Pinger
 
 
 def test_pinger_pings_after_one_interval():

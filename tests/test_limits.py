@@ -27,7 +27,9 @@ def test_server_default_limits_are_the_documented_ones() -> None:
     server = tether.Server({"/socket": echo})
     s = server.settings
     assert (s.max_message_size, s.handshake_timeout) == (1 << 20, 5.0)
-    assert (server.max_connections, server.rate_limit, server.allowed_origins) == (None, None, None)
+    policy = server.policy
+    assert (policy.max_connections, policy.rate_limit, policy.allowed_origins, policy.auth) == (None, None, None, None)
+    assert (s.conn.max_queue, s.conn.close_timeout, s.conn.ping_interval, s.conn.ping_timeout) == (32, 5.0, 20.0, 20.0)
     assert (server.shutdown_timeout, server.shutdown_spread) == (10.0, 5.0)
 
 
@@ -253,7 +255,9 @@ async def test_server_rate_limited_typed_app_error_replies_then_1008(make_server
         await conn.send(add(i))
     got = [await receive_json(conn) for _ in range(5)]
     assert [m["type"] for m in got[:3]] == ["reply"] * 3
-    assert got[3:] == [{"type": "error", "data": {"code": "rate_limited", "message": "too many messages: slow down"}}] * 2
+    # Each rejected request is answered at once, with its id: it does not wait for its timeout.
+    error = {"code": "rate_limited", "message": "too many messages: slow down"}
+    assert got[3:] == [{"type": "error", "data": error, "id": 3}, {"type": "error", "data": error, "id": 4}]
     with pytest.raises(tether.ConnectionClosedError) as info:
         await receive_json(conn)
     assert (info.value.code, info.value.reason) == (1008, "rate limit exceeded")

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import pytest
 
 import tether
-from tether.broker import MemoryBroker, is_shared, make_broker
+from tether.rooms.broker import MemoryBroker
+from tether.rooms.hub import is_shared, make_broker
 from tests.conftest import timeout
 from tests.redis_fixture import AppProcess, Peer, RedisServer, app_processes, close_peers, eventually, open_peers, redis_server  # noqa: F401
 
@@ -154,10 +155,12 @@ def test_broker_setting_selects_the_implementation() -> None:
 def test_missing_redis_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)
     monkeypatch.setitem(sys.modules, "redis.asyncio", None)
-    monkeypatch.delitem(sys.modules, "tether.redis_broker", raising=False)
+    for name in ("tether.redis_broker", "tether.rooms.redis"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
     with pytest.raises(ImportError, match=r"pip install 'tether\[redis\]'"):
         importlib.import_module("tether.redis_broker")
-    monkeypatch.delitem(sys.modules, "tether.redis_broker", raising=False)
+    for name in ("tether.redis_broker", "tether.rooms.redis"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
 
 
 async def test_server_keeps_serving_when_redis_is_down_at_start() -> None:

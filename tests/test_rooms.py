@@ -15,9 +15,10 @@ import msgspec
 import pytest
 
 import tether
-from tether.conn import Conn, Request
-from tether.protocol import OP_BINARY, OP_TEXT
-from tether.rooms import encode_frame, encode_room_message, frame_header, pack, unpack
+from tether.conn import Conn, ConnSettings, make_request
+from tether.proto.envelope import encode_message
+from tether.proto.frames import OP_BINARY, OP_TEXT, encode_frame, frame_header
+from tether.rooms.hub import pack, unpack
 from tests.conftest import ServerFactory, timeout, url
 from tests.redis_fixture import AppProcess, Peer, app_processes, close_peers, eventually, open_peers  # noqa: F401
 from tests.rawws import RawWS
@@ -57,20 +58,21 @@ def test_broker_message_round_trips_origin_opcode_payload() -> None:
 
 
 class FakeWire:
-    """A Wire that records writes; ``write_frame`` only if ``frames``."""
+    """A Transport that records writes."""
 
-    def __init__(self, frames: bool = True) -> None:
+    def __init__(self) -> None:
         self.writes: list[tuple[int, bytes]] = []
         self.frames: list[bytes] = []
         self.closes: list[tuple[int, str]] = []
-        if not frames:
-            self.write_frame = None  # type: ignore[assignment]
+        self.on_frame: Any = None  # called after each write_frame
 
     def write(self, opcode: int, payload: bytes) -> None:
         self.writes.append((opcode, payload))
 
     def write_frame(self, frame: bytes, opcode: int, payload: bytes) -> None:
         self.frames.append(frame)
+        if self.on_frame is not None:
+            self.on_frame()
 
     def write_close(self, code: int, reason: str) -> None:
         self.closes.append((code, reason))
@@ -82,10 +84,7 @@ class FakeWire:
 
 
 def make_conn(wire: Any, **kw: Any) -> Conn:
-    conn = Conn(wire, Request("/", {}, {}, None), **kw)
-    if getattr(wire, "write_frame", None) is None:
-        conn._write_frame = None
-    return conn
+    return Conn(wire, make_request("/"), ConnSettings(ping_interval=None, **kw))
 
 
 def frames(n: int) -> list[tuple[bytes, int, bytes]]:
@@ -96,26 +95,19 @@ async def test_conn_writes_shared_frame_bytes_when_socket_has_room() -> None:
     wire = FakeWire()
     conn = make_conn(wire)
     frame = encode_frame(OP_TEXT, b"x")
-    conn._write_shared(frame, OP_TEXT, b"x")
+    conn.write_broadcast(frame, OP_TEXT, b"x")
     assert wire.frames == [frame] and wire.frames[0] is frame
     assert conn.stats == tether.SendStats(queued=0, dropped=0, sent=1)
-
-
-async def test_conn_without_write_frame_falls_back_to_write() -> None:
-    wire = FakeWire(frames=False)
-    conn = make_conn(wire)
-    conn._write_shared(encode_frame(OP_TEXT, b"x"), OP_TEXT, b"x")
-    assert wire.writes == [(OP_TEXT, b"x")]
 
 
 async def test_paused_conn_queues_then_flushes_in_order_on_resume() -> None:
     wire = FakeWire()
     conn = make_conn(wire, max_send_queue=8)
-    conn._on_pause_writing()
+    conn.on_pause_writing()
     for f in frames(5):
-        conn._write_shared(*f)
+        conn.write_broadcast(*f)
     assert wire.frames == [] and conn.stats.queued == 5
-    conn._on_resume_writing()
+    conn.on_resume_writing()
     assert wire.frames == [f[0] for f in frames(5)]
     assert conn.stats == tether.SendStats(queued=0, dropped=0, sent=5)
 
@@ -123,49 +115,42 @@ async def test_paused_conn_queues_then_flushes_in_order_on_resume() -> None:
 async def test_full_queue_drop_oldest_keeps_newest_and_counts_drops() -> None:
     wire = FakeWire()
     conn = make_conn(wire, max_send_queue=3)
-    conn._on_pause_writing()
+    conn.on_pause_writing()
     for f in frames(10):
-        conn._write_shared(*f)
+        conn.write_broadcast(*f)
     assert conn.stats == tether.SendStats(queued=3, dropped=7, sent=0)
-    conn._on_resume_writing()
+    conn.on_resume_writing()
     assert wire.frames == [f[0] for f in frames(10)[-3:]]
 
 
 async def test_full_queue_close_policy_closes_slow_consumer_with_1013() -> None:
     wire = FakeWire()
-    conn = make_conn(wire, max_send_queue=2, overflow="close")
-    conn._on_pause_writing()
+    conn = make_conn(wire, max_send_queue=2, send_overflow=tether.Overflow.CLOSE)
+    conn.on_pause_writing()
     for f in frames(3):
-        conn._write_shared(*f)
+        conn.write_broadcast(*f)
     assert wire.closes == [(1013, "try again later")]
     assert conn.state is tether.ConnState.CLOSING and conn.stats.queued == 0
-    conn._write_shared(*frames(1)[0])  # closing: ignored, no error
-    conn._on_lost()
+    conn.write_broadcast(*frames(1)[0])  # closing: ignored, no error
+    conn.on_lost()
 
 
 async def test_zero_send_queue_drops_everything_while_paused() -> None:
     wire = FakeWire()
     conn = make_conn(wire, max_send_queue=0)
-    conn._on_pause_writing()
-    conn._write_shared(*frames(1)[0])
+    conn.on_pause_writing()
+    conn.write_broadcast(*frames(1)[0])
     assert conn.stats == tether.SendStats(queued=0, dropped=1, sent=0)
 
 
 async def test_resume_stops_flushing_when_socket_fills_again() -> None:
     wire = FakeWire()
     conn = make_conn(wire, max_send_queue=8)
-    conn._on_pause_writing()
+    conn.on_pause_writing()
     for f in frames(4):
-        conn._write_shared(*f)
-    original = wire.write_frame
-
-    def write_then_pause(frame: bytes, opcode: int, payload: bytes) -> None:
-        original(frame, opcode, payload)
-        if len(wire.frames) == 2:
-            conn._on_pause_writing()
-
-    conn._write_frame = write_then_pause
-    conn._on_resume_writing()
+        conn.write_broadcast(*f)
+    wire.on_frame = lambda: len(wire.frames) == 2 and conn.on_pause_writing()
+    conn.on_resume_writing()
     assert len(wire.frames) == 2 and conn.stats.queued == 2
 
 
@@ -213,21 +198,20 @@ async def test_broadcast_reaches_each_member_once_and_skips_excluded(make_server
         assert outsider.events == []
 
 
-async def test_server_hub_frames_are_identical_bytes_for_every_receiver(make_server: ServerFactory) -> None:
+async def test_server_hub_frames_are_identical_bytes_for_every_receiver(make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     server = await make_server({"/socket": chat_app()})
     async with timeout(10):
         peers = await open_peers(url(server), 3, room="r", quiet="1")
         members = server.hub.local("r")
         written: list[bytes] = []
-        for conn in members:
-            real = conn._write_frame
-            assert real is not None
+        listener = type(members[0]._transport)
+        real = listener.write_frame
 
-            def spy(frame: bytes, opcode: int, payload: bytes, real: Any = real) -> None:
-                written.append(frame)
-                real(frame, opcode, payload)
+        def spy(self: Any, frame: bytes, opcode: int, payload: bytes) -> None:
+            written.append(frame)
+            real(self, frame, opcode, payload)
 
-            conn._write_frame = spy
+        monkeypatch.setattr(listener, "write_frame", spy)
         await server.hub.broadcast("r", "t", {"n": 1})
         assert len(written) == 3 and written[0] is written[1] is written[2]
         for peer in peers:
@@ -367,7 +351,7 @@ N_CONNS = 1000
 N_MSGS = 300
 SIZE = 2000
 #: Every "blast" frame has the same size (rooms_app pads the counter), so readers count bytes.
-BLAST_FRAME = len(encode_frame(OP_TEXT, encode_room_message("blast", {"i": "00000", "body": "x" * SIZE}, "all")))
+BLAST_FRAME = len(encode_frame(OP_TEXT, encode_message("blast", {"i": "00000", "body": "x" * SIZE}, room="all")))
 
 
 async def _raw_member(port: int, name: str) -> RawWS:

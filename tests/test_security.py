@@ -22,7 +22,7 @@ import pytest
 import tether
 from conftest import TIMEOUT_SCALE, ServerFactory, assert_serves, echo, timeout, url
 from rawws import OP_TEXT, RawWS
-from tether.backoff import Backoff
+from tether.proto.backoff import Backoff
 
 MS = int(10_000 * TIMEOUT_SCALE)  # Playwright waits, in ms
 

@@ -22,7 +22,8 @@ import tether
 from conftest import TIMEOUT_SCALE, timeout, within
 from rawws import OP_PING, OP_TEXT, RawWS
 from servers.reconnect_app import ClientEvents, ServerProcess, make_app, until
-from tether.backoff import Backoff
+from tether.proto.backoff import Backoff
+from tether.app.dispatch import Dispatcher
 from tether.conn import Conn
 
 S = TIMEOUT_SCALE
@@ -224,7 +225,7 @@ async def test_client_request_times_out_with_timeout_error(servers):
             assert time.monotonic() - started >= 0.2 * S
             assert probe.hanging.is_set()
             assert await client.request("add", {"a": 1, "b": 1}) == 2  # still usable
-    assert client._pending == {}
+    assert client._futures == {} and client._session.pending == set()
 
 
 async def test_client_request_default_timeout_is_request_timeout(servers):
@@ -490,14 +491,14 @@ async def test_client_latency_measured_from_pings(servers):
 
 async def test_client_answers_server_heartbeat(servers, monkeypatch):
     echoes: list[Any] = []
-    original = tether.app._heartbeat
+    original = Dispatcher._client_heartbeat
 
-    def recording(conn: Conn, data: Any) -> None:
-        if isinstance(data, dict) and data.get("t") == conn._heartbeat_sent:
+    def recording(self: Dispatcher, data: Any) -> None:
+        if isinstance(data, dict) and data.get("t") == self._heartbeat_sent:
             echoes.append(data)  # our own heartbeat, echoed back by the client
-        original(conn, data)
+        original(self, data)
 
-    monkeypatch.setattr(tether.app, "_heartbeat", recording)
+    monkeypatch.setattr(Dispatcher, "_client_heartbeat", recording)
     server = await servers.start(make_app(), ping_interval=0.05 * S)
     async with tether.Client(ws(server.port), ping_interval=None) as client:
         async with timeout(5):
@@ -530,14 +531,14 @@ async def test_server_closes_client_that_never_answers_pings_with_1011_keepalive
 
 async def test_server_ping_timeout_none_waits_for_pong_without_spinning(servers, monkeypatch):
     ticks = 0
-    original = Conn._keepalive_tick
+    original = Conn.keepalive_tick
 
     def counting(self: Conn) -> None:
         nonlocal ticks
         ticks += 1
         original(self)
 
-    monkeypatch.setattr(Conn, "_keepalive_tick", counting)
+    monkeypatch.setattr(Conn, "keepalive_tick", counting)
     interval = 0.05 * S
     server = await servers.start(make_app(), ping_interval=interval, ping_timeout=None)
     raw = await RawWS.open(server.port, "/ws")  # never answers pings

@@ -24,7 +24,7 @@ import pytest
 import tether
 from conftest import TIMEOUT_SCALE, timeout
 from rawws import RawWS
-from tether.backoff import Backoff
+from tether.proto.backoff import Backoff
 
 APP = str(Path(__file__).parent / "servers" / "shutdown_app.py")
 SPREAD = 4.0

@@ -14,7 +14,7 @@ import pytest
 import tether
 from conftest import echo, timeout
 from rawws import RawWS
-from tether.backoff import Backoff
+from tether.proto.backoff import Backoff
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -85,7 +85,7 @@ async def test_wss_handler_sees_tls_connection(server_ctx: ssl.SSLContext, clien
         async with timeout(5), tether.connect(f"wss://127.0.0.1:{server.port}/socket", ssl=client_ctx):
             conn = await seen
             assert conn.remote_address is not None and conn.remote_address[0] == "127.0.0.1"
-            assert conn._wire._raw.get_extra_info("ssl_object") is not None  # type: ignore[attr-defined]
+            assert conn._transport._raw.get_extra_info("ssl_object") is not None  # type: ignore[attr-defined]
 
 
 async def test_plain_ws_client_to_tls_port_fails_cleanly(wss: tether.Server, client_ctx: ssl.SSLContext) -> None:

@@ -7,7 +7,7 @@ from typing import Callable
 import pytest
 
 import tether
-from tether.broker import MemoryBroker
+from tether.rooms.broker import MemoryBroker
 from tests.conftest import timeout
 from tests.redis_fixture import AppProcess, Peer, RedisServer, app_processes, close_peers, redis_server  # noqa: F401
 from tests.test_redis import _names, _said

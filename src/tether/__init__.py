@@ -6,27 +6,27 @@ The public API is exactly ``__all__``; everything else is internal.
 from . import auth
 from .app import App
 from .auth import Identity
-from .broker import Broker, MemoryBroker, MemoryBus
-from .client import connect
+from .client import Client, connect
 from .codecs import JSON, Codec, Message
 from .conn import Conn, ConnState, Overflow, Request, SendStats
 from .errors import (
+    ClientClosed,
     CloseConnection,
     ConnectionClosed,
     ConnectionClosedError,
     ConnectionClosedOK,
+    ConnectionLost,
     DecodeError,
     InvalidHandshake,
     KeepaliveTimeout,
+    OutboxOverflow,
     ReplyError,
     TetherError,
 )
-from .limits import RateLimit
-from .rooms import Hub, Member
-from .server import Handler, Server, run, serve
-from .session import Client, ClientClosed, ConnectionLost, OutboxOverflow
+from .proto.limits import RateLimit
+from .rooms import Broker, Hub, Member, MemoryBroker, MemoryBus
+from .server import Handler, Server, run, serve, serve_workers
 from .stream import ByteStream
-from .workers import serve_workers
 
 __all__ = [
     # Server and client

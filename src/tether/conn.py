@@ -1,9 +1,18 @@
 """``Conn``: one WebSocket connection, the same class on the server and in the client.
 
-``Conn`` knows nothing of picows or ASGI: it writes through a :class:`Wire` (the transport
-seam) and is driven by the transport adapter calling its ``_on_*`` methods. Every outgoing
-frame goes through :meth:`Conn._write`, the single write path, which checks the state and
-applies backpressure.
+``Conn`` knows nothing of picows, ASGI or memory pipes. Two named interfaces connect it to
+the layers around it (docs/ARCHITECTURE.md):
+
+- :class:`Transport`, *below* it: what ``Conn`` asks of the transport (write a frame, pause
+  reading, end the connection). picows, ASGI and the in-memory testing pipes implement it.
+- :class:`TransportEvents`, what the transport tells ``Conn`` (a message arrived, a close
+  frame, a protocol failure, the connection is lost, writes must pause). ``Conn`` implements
+  it with its ``on_*`` methods; only transports call them.
+- :class:`Consumer`, *above* it: who takes the messages when not ``receive()`` - a typed
+  :class:`tether.App` installs one per connection (``app/dispatch.py``).
+
+Every outgoing data frame goes through :meth:`Conn.write`, the single write path, which
+checks the state and stamps the time of the last write (the heartbeat needs it).
 """
 
 from __future__ import annotations
@@ -13,32 +22,58 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
+from urllib.parse import parse_qsl
+
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from . import wheel
-from .envelope import encode_message
 from .errors import KEEPALIVE_REASON, ConnectionClosed, ConnectionClosedOK, closed_error
-from .keepalive import Pinger, heartbeat_due
-from .limits import TokenBucket
-from .protocol import OP_BINARY, OP_TEXT
+from .proto.envelope import encode_message
+from .proto.frames import OP_BINARY, OP_TEXT
+from .proto.keepalive import Pinger, heartbeat_due
+from .proto.limits import TokenBucket
+from .stream import ByteStream
 
-if TYPE_CHECKING:
-    from .rooms import Hub
-    from .stream import ByteStream
-
-__all__ = ["Conn", "ConnState", "Request", "Wire", "Overflow", "SendStats"]
+__all__ = [
+    "Conn",
+    "ConnSettings",
+    "ConnState",
+    "Consumer",
+    "Message",
+    "Overflow",
+    "Request",
+    "Rooms",
+    "SendStats",
+    "Transport",
+    "TransportEvents",
+    "make_request",
+]
 
 logger = logging.getLogger("tether")
 
 Message = str | bytes
 _now = time.monotonic
-_RATE_LIMITED = encode_message("error", {"code": "rate_limited", "message": "too many messages: slow down"})
 
 
 class ConnState(enum.Enum):
-    """Where a connection is in its life. Transitions happen only in :class:`Conn`."""
+    """Where a connection is in its life. Every transition happens in :class:`Conn`:
+
+    ======== ==================================================== =========
+    from     event                                                to
+    ======== ==================================================== =========
+    OPEN     we start closing (``close``, a handler's end, ...):  CLOSING
+             our close frame goes out, a timer bounds the rest
+    OPEN     the peer's close frame: we echo it                   CLOSING
+    OPEN     the peer broke the protocol: our close frame, drop   CLOSING
+    CLOSING  the peer's close frame (it answered ours)            CLOSING
+    any      the TCP connection is gone                           CLOSED
+    ======== ==================================================== =========
+
+    A close frame goes out exactly once: on leaving ``OPEN``.
+    """
 
     OPEN = 1
     CLOSING = 2
@@ -62,16 +97,22 @@ class SendStats:
     sent: int
 
 
-class Wire(Protocol):
-    """The transport seam: what ``Conn`` needs from picows or ASGI."""
+@dataclass(frozen=True, slots=True)
+class ConnSettings:
+    """Per-connection settings, the same for every transport.
 
-    def write(self, opcode: int, payload: bytes) -> None: ...
-    def write_close(self, code: int, reason: str) -> None: ...
-    def ping(self, payload: bytes) -> None: ...
-    def pong(self, payload: bytes) -> None: ...
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-    def disconnect(self) -> None: ...
+    ``max_queue`` messages buffered before reading pauses; ``close_timeout`` seconds for the
+    closing handshake; keepalive pings every ``ping_interval`` seconds, the peer is dead after
+    ``ping_timeout`` without a pong (``None`` turns either off); a bounded broadcast send queue
+    of ``max_send_queue`` frames with its ``send_overflow`` policy (docs/rooms.md).
+    """
+
+    max_queue: int = 32
+    close_timeout: float = 5.0
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
+    max_send_queue: int | None = 256
+    send_overflow: Overflow = Overflow.DROP_OLDEST
 
 
 class Request:
@@ -92,6 +133,93 @@ class Request:
         self.remote_address = remote_address
 
 
+_NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())  # read-only, so one serves all
+
+
+def make_request(
+    target: str,
+    headers: Iterable[tuple[str, str]] | CIMultiDict[str] = (),
+    remote_address: tuple[str, int] | None = None,
+    *,
+    query: Iterable[tuple[str, str]] = (),
+) -> Request:
+    """The :class:`Request` for a request target (``/path?query``), every transport's.
+
+    Headers are case-insensitive and the query a read-only multi-dict; ``query`` pairs are
+    added after those of the target.
+    """
+    path, _, qs = target.partition("?")
+    pairs = parse_qsl(qs, keep_blank_values=True) if qs else []
+    pairs.extend(query)
+    proxy = _NO_QUERY if not pairs else MultiDictProxy(MultiDict(pairs))
+    header_dict = headers if isinstance(headers, CIMultiDict) else CIMultiDict(headers)
+    return Request(path or "/", CIMultiDictProxy(header_dict), proxy, remote_address)
+
+
+class Transport(Protocol):
+    """What :class:`Conn` needs from the transport under it. Only ``Conn`` calls these."""
+
+    def write(self, opcode: int, payload: bytes) -> None:
+        """Write one data frame now (never blocks; the transport buffers)."""
+
+    def write_frame(self, frame: bytes, opcode: int, payload: bytes) -> None:
+        """Write a frame built once for many receivers (a broadcast); ``opcode`` and
+        ``payload`` are what it carries, for transports that cannot send raw frames."""
+
+    def write_close(self, code: int, reason: str) -> None:
+        """Write a close frame."""
+
+    def ping(self, payload: bytes) -> None: ...
+    def pong(self, payload: bytes) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+    def disconnect(self) -> None:
+        """End the TCP connection once buffered data is written (graceful)."""
+
+    def abort(self) -> None:
+        """End the TCP connection now, discarding unwritten data."""
+
+
+class TransportEvents(Protocol):
+    """What a transport tells its :class:`Conn` (``Conn`` implements this)."""
+
+    def on_message(self, message: Message) -> None: ...
+    def on_close_frame(self, code: int, reason: str) -> None: ...
+    def on_protocol_error(self, code: int, reason: str) -> None: ...
+    def on_ping(self, payload: bytes) -> None: ...
+    def on_pong(self, payload: bytes) -> None: ...
+    def on_pause_writing(self) -> None: ...
+    def on_resume_writing(self) -> None: ...
+    def on_lost(self) -> None: ...
+
+
+class Consumer(Protocol):
+    """Takes a connection's messages instead of ``receive()`` (a typed App's dispatcher)."""
+
+    def message(self, message: Message) -> bool | None:
+        """Handle ``message``; return ``False`` to have it queued and the connection held."""
+
+    def rate_limited(self, message: Message) -> None:
+        """``message`` was over the rate limit (answer it; the connection stays open)."""
+
+    def heartbeat(self, now: float) -> None:
+        """Nothing was written for a keepalive interval: write something (browsers see no pings)."""
+
+    def busy(self) -> list[asyncio.Future[Any]]:
+        """What is running for the connection now (a graceful shutdown lets it finish)."""
+
+
+class Rooms(Protocol):
+    """The rooms hub a connection joins rooms through (:class:`tether.Hub`)."""
+
+    max_rooms: int | None
+
+    def rooms_of(self, conn: Conn) -> frozenset[str]: ...
+    async def join(self, conn: Conn, room: str, meta: Any = None, *, presence: bool = True) -> None: ...
+    async def leave(self, conn: Conn, room: str) -> None: ...
+
+
 class Conn:
     """A WebSocket connection.
 
@@ -103,106 +231,95 @@ class Conn:
 
     # Slots: an idle connection should cost as little memory as possible (docs/benchmarks.md).
     __slots__ = (
-        "_app_heartbeat",
         "_close_timeout",
         "_close_timer",
         "_closed",
         "_drain",
         "_dropped",
-        "_heartbeat_sent",
-        "_host",
+        "_held",
         "_inbox",
-        "_job",
-        "_job_ready",
         "_last_write",
         "_max_queue",
         "_max_send_queue",
-        "_on_message",
         "_overflow",
         "_pending_pong",
         "_pinger",
-        "_pings",
-        "_rate",
         "_read_paused",
+        "_reading_held",
         "_receiver",
         "_send_queue",
         "_sent",
-        "_sent_close",
-        "_typed",
-        "_wire",
-        "_write_frame",
+        "_transport",
+        "_transport_pings",
         "_write_paused",
         "assigns",
         "close_code",
         "close_reason",
+        "consumer",
         "hub",
         "identity",
         "is_client",
         "keepalive",
         "latency",
+        "limiter",
         "request",
         "state",
     )
 
     def __init__(
         self,
-        wire: Wire,
+        transport: Transport,
         request: Request,
+        settings: ConnSettings = ConnSettings(),
         *,
         is_client: bool = False,
-        max_queue: int = 32,
-        close_timeout: float = 5.0,
-        max_send_queue: int | None = 256,
-        overflow: Overflow | str = Overflow.DROP_OLDEST,
+        transport_pings: bool = True,
     ) -> None:
-        self._wire = wire
+        self._transport = transport
         self.request = request
         self.is_client = is_client
         self.state = ConnState.OPEN
-        #: Close code and reason, set once the connection is closed.
+        #: Close code and reason: ours once we start closing, the peer's once it answers.
         self.close_code: int | None = None
         self.close_reason = ""
         #: Per-connection data for the application (Phoenix calls these assigns).
         self.assigns: dict[str, Any] = {}
         #: Last measured round-trip time to the peer in seconds, or None.
         self.latency: float | None = None
+        #: Who the peer is, as returned by the ``auth`` hook (None without one).
+        self.identity: Any = None
+        #: The rooms hub this connection joins rooms through (set by its transport or App).
+        self.hub: Rooms | None = None
+        #: Takes messages instead of ``receive()`` (a typed App's dispatcher), or None.
+        self.consumer: Consumer | None = None
+        #: The message rate limit of this connection (set by the connection policy), or None.
+        self.limiter: TokenBucket | None = None
+        #: Heartbeat settings ``(interval, timeout)`` in seconds, announced to typed clients.
+        self.keepalive: tuple[float | None, float | None] = (settings.ping_interval, settings.ping_timeout)
         # A list, not a deque: it holds at most max_queue items and an empty deque costs 13x more.
         self._inbox: list[Message] = []
-        self._max_queue = max_queue
+        self._max_queue = settings.max_queue
+        self._held = False  # messages queue for the consumer until release()
         self._receiver: asyncio.Future[None] | None = None
-        self._on_message: Callable[[Conn, Message], None] | None = None
         self._write_paused = False
-        self._read_paused = False
+        self._read_paused = False  # paused by us (inbox full)
+        self._reading_held = False  # paused by pause_reading() (a server shutting down)
         self._drain: asyncio.Future[None] | None = None
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._close_timer: asyncio.TimerHandle | None = None
-        self._close_timeout = close_timeout
-        self._sent_close = False
+        self._close_timeout = settings.close_timeout
         self._last_write = 0.0
         self._pinger: Pinger | None = None
-        #: Heartbeat settings ``(interval, timeout)`` in seconds, announced to typed clients.
-        self.keepalive: tuple[float | None, float | None] = (None, None)
-        self._app_heartbeat = False
-        self._pings = True
+        self._transport_pings = transport_pings
         self._pending_pong: bytes | None = None
-        self._heartbeat_sent: float | None = None
-        #: The rooms hub this connection joins rooms through (set by the server or App).
-        self.hub: Hub | None = None
-        # Broadcast path (rooms.py): optional Wire.write_frame, bounded queue while paused.
-        self._write_frame: Callable[[bytes, int, bytes], None] | None = getattr(wire, "write_frame", None)
-        self._send_queue: deque[tuple[bytes, int, bytes]] | None = None  # created on first use
-        self._max_send_queue = max_send_queue
-        self._overflow = Overflow(overflow)
+        # Broadcast path: a bounded queue while the socket is full, created on first use.
+        self._send_queue: deque[tuple[bytes, int, bytes]] | None = None
+        self._max_send_queue = settings.max_send_queue
+        self._overflow = Overflow(settings.send_overflow)
         self._sent = 0
         self._dropped = 0
-        #: Who the peer is, as returned by the server's ``auth`` hook (None without one).
-        self.identity: Any = None
-        self._rate: TokenBucket | None = None
-        # A typed App's: the task serving this connection, and its next job (app.py).
-        self._host: asyncio.Task[Any] | None = None
-        self._job: Any = None
-        self._job_ready: asyncio.Future[None] | None = None
-        self._typed = False  # a typed App serves this connection: errors can be replies
+        if settings.ping_interval is not None:
+            self._start_keepalive(settings.ping_interval, settings.ping_timeout)
 
     # -- request details ---------------------------------------------------------------
     @property
@@ -233,17 +350,17 @@ class Conn:
         """
         while not self._inbox:
             if self.state is ConnState.CLOSED:
-                raise self._closed_exception()
+                raise self.closed_error()
             self._receiver = asyncio.get_running_loop().create_future()
             try:
                 await self._receiver
             finally:
                 self._receiver = None
-        message = self._take_pending()
+        message = self._take()
         assert message is not None
         return message
 
-    def _take_pending(self) -> Message | None:
+    def _take(self) -> Message | None:
         """Pop the oldest queued message; resume reading once the queue is half empty."""
         if not self._inbox:
             return None
@@ -265,9 +382,31 @@ class Conn:
 
     def stream(self, *, text: bool = False) -> ByteStream:
         """A byte-stream view of this connection, like ``ws.Read``/``ws.Write`` in Go."""
-        from .stream import ByteStream
-
         return ByteStream(self, text=text)
+
+    # -- the consumer (a typed App) ----------------------------------------------------
+    def hold(self) -> None:
+        """Queue messages instead of handing them to the consumer, until :meth:`release`.
+
+        A consumer holds the connection while it is busy (a handler that suspended): later
+        messages wait in the bounded inbox, and reading stops once it is full.
+        """
+        self._held = True
+
+    def release(self) -> None:
+        """Hand queued messages to the consumer, in order, then new ones as they come."""
+        self._held = False
+        self._deliver_queued()
+
+    def _deliver_queued(self) -> None:
+        consumer = self.consumer
+        while consumer is not None and not self._held and not self._write_paused:
+            message = self._take()
+            if message is None:
+                return
+            if consumer.message(message) is False:
+                self._inbox.insert(0, message)
+                self._held = True
 
     # -- sending -----------------------------------------------------------------------
     async def send(self, message: Message, *, text: bool | None = None) -> None:
@@ -278,9 +417,9 @@ class Conn:
         connection is closing or closed. Waits while the transport's buffer is full.
         """
         if isinstance(message, str):
-            self._write(OP_TEXT, message.encode())
+            self.write(OP_TEXT, message.encode())
         else:
-            self._write(OP_TEXT if text else OP_BINARY, bytes(message))
+            self.write(OP_TEXT if text else OP_BINARY, bytes(message))
         if self._write_paused:
             await self.drain()
 
@@ -289,7 +428,7 @@ class Conn:
 
         ``data`` may be a msgspec Struct, a dataclass, a TypedDict or any JSON-able value.
         """
-        self._write(OP_TEXT, encode_message(type, data))
+        self.write(OP_TEXT, encode_message(type, data))
         if self._write_paused:
             await self.drain()
 
@@ -297,29 +436,30 @@ class Conn:
         """Wait until the transport's write buffer has room again."""
         while self._write_paused:
             if self.state is ConnState.CLOSED:
-                raise self._closed_exception()
+                raise self.closed_error()
             if self._drain is None:
                 self._drain = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._drain)
 
-    def _write(self, opcode: int, payload: bytes) -> None:
-        """The one write path: every data frame goes out here."""
+    def write(self, opcode: int, payload: bytes) -> None:
+        """Write one data frame now, without waiting for the buffer to drain: the one
+        write path. Raises :class:`ConnectionClosed` unless the connection is open.
+
+        For framework code (replies, heartbeats); applications use :meth:`send`/:meth:`emit`,
+        which also wait while the peer is not reading.
+        """
         if self.state is not ConnState.OPEN:
-            raise self._closed_exception()
-        self._wire.write(opcode, payload)
+            raise self.closed_error()
+        self._transport.write(opcode, payload)
         self._last_write = _now()
 
     # -- keepalive ---------------------------------------------------------------------
-    def _start_keepalive(self, interval: float | None, timeout: float | None, *, pings: bool = True) -> None:
+    def _start_keepalive(self, interval: float, timeout: float | None) -> None:
         """Ping every ``interval`` seconds; close with 1011 if a pong takes over ``timeout``.
 
-        ``pings=False`` keeps only the heartbeat timing, for transports that ping by
-        themselves (uvicorn under ASGI).
+        Without transport pings (ASGI: uvicorn pings by itself) only the timing runs, for
+        a typed App's heartbeat messages.
         """
-        self.keepalive = (interval, timeout)
-        self._pings = pings
-        if interval is None:
-            return
         now = _now()
         self._last_write = now
         self._pinger = Pinger(interval, timeout, now)
@@ -333,38 +473,30 @@ class Conn:
             # Waiting for a pong with no timeout: nothing to decide until it comes. Without
             # this the timer would fire again at once, forever (a busy loop).
             wake = now + self._pinger.interval
-        if self._app_heartbeat:
+        if self.consumer is not None:
             wake = min(wake, self._last_write + self._pinger.interval)
         wheel.schedule(wake, self)
 
-    def _keepalive_tick(self) -> None:
+    def keepalive_tick(self) -> None:
+        """The keepalive timer (tether.wheel) fired for this connection."""
         pinger = self._pinger
         if pinger is None or self.state is not ConnState.OPEN:
             return
         now = _now()
         action = pinger.tick(now)
         if action == "dead":
-            self._on_keepalive_timeout()
+            logger.info("keepalive timeout on %r", self)
+            self.on_protocol_error(1011, KEEPALIVE_REASON)
             return
         if action == "ping":
-            if self._pings:
-                self._wire.ping(pinger.payload)
+            if self._transport_pings:
+                self._transport.ping(pinger.payload)
             else:
                 pinger.pong(pinger.payload, now)
-        if self._app_heartbeat and heartbeat_due(now, self._last_write, pinger.interval):
-            # Browsers cannot see pings and some proxies only count data frames.
-            self._heartbeat_sent = now
-            self._write(OP_TEXT, encode_message("heartbeat", {"t": now}))
+        consumer = self.consumer
+        if consumer is not None and heartbeat_due(now, self._last_write, pinger.interval):
+            consumer.heartbeat(now)
         self._schedule_keepalive()
-
-    def _on_pong(self, payload: bytes) -> None:
-        if self._pinger is not None and self._pinger.pong(payload, _now()) is not None:
-            self.latency = self._pinger.latency
-
-    def _on_keepalive_timeout(self) -> None:
-        """The peer stopped answering: it will not complete a close handshake either."""
-        logger.info("keepalive timeout on %r", self)
-        self._on_fail(1011, KEEPALIVE_REASON)
 
     # -- closing -----------------------------------------------------------------------
     async def close(self, code: int = 1000, reason: str = "") -> None:
@@ -373,87 +505,110 @@ class Conn:
         Idempotent. If the peer does not answer within ``close_timeout`` the TCP
         connection is dropped.
         """
-        self._start_close(code, reason)
+        self.start_close(code, reason)
         await asyncio.shield(self._closed)
 
     async def wait_closed(self) -> None:
         """Wait until the connection is closed, by either side."""
         await asyncio.shield(self._closed)
 
-    def _start_close(self, code: int, reason: str) -> None:
+    def on_close(self, callback: Callable[[Conn], object]) -> None:
+        """Call ``callback(conn)`` once the connection is closed (at once if it is)."""
+        self._closed.add_done_callback(lambda _: callback(self))
+
+    def start_close(self, code: int, reason: str) -> None:
+        """Start the closing handshake without waiting for it (no-op unless open)."""
         if self.state is not ConnState.OPEN:
             return
+        self._closing(code, reason)
+        self._transport.write_close(code, reason)
+        if self._reading_held:  # we must read the peer's close frame; data is ignored now
+            self.resume_reading()
+
+    def _closing(self, code: int, reason: str) -> None:
+        """OPEN -> CLOSING: the only way out of OPEN short of losing the connection."""
         self.state = ConnState.CLOSING
         self.close_code, self.close_reason = code, reason
-        self._send_close(code, reason)
         loop = asyncio.get_running_loop()
-        self._close_timer = loop.call_later(self._close_timeout, self._wire.disconnect)
+        self._close_timer = loop.call_later(self._close_timeout, self._transport.disconnect)
 
-    def _send_close(self, code: int, reason: str) -> None:
-        if not self._sent_close:
-            self._sent_close = True
-            self._wire.write_close(code, reason)
+    def drop(self) -> None:
+        """End the TCP connection now, without waiting for the closing handshake."""
+        if self.state is not ConnState.CLOSED:
+            self._transport.disconnect()
 
-    def _closed_exception(self) -> ConnectionClosed:
+    def closed_error(self) -> ConnectionClosed:
+        """The :class:`ConnectionClosed` that ``send``/``receive`` raise now."""
         if self.close_code is None:
-            return ConnectionClosedOK(1000, "") if self.state is ConnState.CLOSING else closed_error(1006, "")
+            return closed_error(1006, "")
         return closed_error(self.close_code, self.close_reason)
 
-    # -- events from the transport adapter -----------------------------------------------
-    def _on_data(self, message: Message) -> None:
+    def pause_reading(self) -> None:
+        """Stop reading from the peer until :meth:`resume_reading` (or a close starts)."""
+        self._reading_held = True
+        if self.state is not ConnState.CLOSED:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._reading_held = False
+        if self.state is not ConnState.CLOSED and not self._read_paused:
+            self._transport.resume_reading()
+
+    # -- TransportEvents: called by the transport ------------------------------------------
+    def on_message(self, message: Message) -> None:
         """A whole message arrived."""
         if self.state is not ConnState.OPEN:
             return
-        if self._rate is not None and not self._rate.allow(_now()):
-            self._rate_limited()
+        limiter = self.limiter
+        if limiter is not None and not limiter.allow(_now()):
+            self._rate_limited(message)
             return
-        if self._on_message is not None and not self._write_paused:
-            self._on_message(self, message)
-            return
-        # Queue it: for a handler's receive(), or for an App that cannot write right now
+        consumer = self.consumer
+        if consumer is not None and not self._held and not self._write_paused:
+            if consumer.message(message) is not False:
+                return
+            self._held = True
+        # Queue it: for a handler's receive(), or for a consumer that cannot take it now
         # (its replies would pile up in memory); a full inbox stops reading from the peer.
         self._inbox.append(message)
-        if self._receiver is not None and not self._receiver.done():
-            self._receiver.set_result(None)
+        receiver = self._receiver
+        if receiver is not None and not receiver.done():
+            receiver.set_result(None)
         if len(self._inbox) >= self._max_queue and not self._read_paused:
             self._update_reading()
 
-    def _rate_limited(self) -> None:
-        """A message over the rate limit: an error reply, then 1008 (see limits.py)."""
-        assert self._rate is not None
-        if self._typed and not self._rate.exhausted:
-            self._write(OP_TEXT, _RATE_LIMITED)
+    def _rate_limited(self, message: Message) -> None:
+        """A message over the rate limit: the consumer answers it, until the limiter gives
+        up on the peer (or at once without a consumer): close with 1008 (see proto/limits.py)."""
+        assert self.limiter is not None
+        if self.consumer is not None and not self.limiter.exhausted:
+            self.consumer.rate_limited(message)
         else:
-            self._start_close(1008, "rate limit exceeded")
+            self.start_close(1008, "rate limit exceeded")
 
-    def _on_close_frame(self, code: int, reason: str) -> None:
+    def on_close_frame(self, code: int, reason: str) -> None:
         """The peer sent a close frame (RFC 6455 section 5.5.1)."""
         if self.state is ConnState.OPEN:
-            self.state = ConnState.CLOSING
-            self.close_code, self.close_reason = code, reason
+            self._closing(code, reason)
             # Echo the code back; 1005 (no status) cannot be sent, answer with 1000.
-            self._send_close(1000 if code == 1005 else code, "")
+            self._transport.write_close(1000 if code == 1005 else code, "")
         else:
             # We started the close: remember what the peer answered.
             self.close_code, self.close_reason = code, reason
-        if self.is_client:
-            # The server closes TCP first [7.1.1]; drop it ourselves if it doesn't.
-            if self._close_timer is None:
-                loop = asyncio.get_running_loop()
-                self._close_timer = loop.call_later(self._close_timeout, self._wire.disconnect)
-        else:
-            self._wire.disconnect()
+        if not self.is_client:
+            self._transport.disconnect()
+        # A client waits for the server to close TCP first [7.1.1]; the close timer bounds it.
 
-    def _on_fail(self, code: int, reason: str) -> None:
-        """The peer broke the protocol: close with ``code`` and drop the connection."""
+    def on_protocol_error(self, code: int, reason: str) -> None:
+        """The peer broke the protocol (or stopped answering): close with ``code``, drop."""
         if self.state is ConnState.CLOSED:
             return
-        self.state = ConnState.CLOSING
-        self.close_code, self.close_reason = code, reason
-        self._send_close(code, reason)
-        self._wire.disconnect()
+        if self.state is ConnState.OPEN:
+            self._closing(code, reason)
+            self._transport.write_close(code, reason)
+        self._transport.disconnect()
 
-    def _on_lost(self) -> None:
+    def on_lost(self) -> None:
         """The TCP connection is gone."""
         if self.state is ConnState.CLOSED:
             return
@@ -467,37 +622,33 @@ class Conn:
                 fut.set_result(None)
         self._closed.set_result(None)
 
-    def _on_pause_writing(self) -> None:
+    def on_pause_writing(self) -> None:
         self._write_paused = True
         self._update_reading()
 
-    def _on_resume_writing(self) -> None:
+    def on_resume_writing(self) -> None:
         self._write_paused = False
         if self._send_queue:
             self._flush_send_queue()
         if self._pending_pong is not None:
-            self._wire.pong(self._pending_pong)
+            self._transport.pong(self._pending_pong)
             self._pending_pong = None
-        self._dispatch_pending()
+        self._deliver_queued()
         self._update_reading()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         self._drain = None
 
-    def _dispatch_pending(self) -> None:
-        """Hand queued messages to the App's callback, in order, while it can write."""
-        while self._on_message is not None and not self._write_paused:
-            message = self._take_pending()
-            if message is None:
-                return
-            self._on_message(self, message)
-
-    def _on_ping(self, payload: bytes) -> None:
+    def on_ping(self, payload: bytes) -> None:
         """Answer a ping; while the peer is not reading, keep only the latest [5.5.3]."""
         if self._write_paused:
             self._pending_pong = payload
         elif self.state is ConnState.OPEN:
-            self._wire.pong(payload)
+            self._transport.pong(payload)
+
+    def on_pong(self, payload: bytes) -> None:
+        if self._pinger is not None and self._pinger.pong(payload, _now()) is not None:
+            self.latency = self._pinger.latency
 
     def _update_reading(self) -> None:
         """Stop reading while the inbox is full; the peer then slows.
@@ -509,7 +660,10 @@ class Conn:
         pause = len(self._inbox) >= self._max_queue
         if pause != self._read_paused and self.state is not ConnState.CLOSED:
             self._read_paused = pause
-            (self._wire.pause_reading if pause else self._wire.resume_reading)()
+            if pause:
+                self._transport.pause_reading()
+            elif not self._reading_held:
+                self._transport.resume_reading()
 
     # -- rooms and broadcast (see tether.rooms) -------------------------------------------
     @property
@@ -519,17 +673,15 @@ class Conn:
 
     async def join(self, room: str, meta: Any = None, *, presence: bool = True) -> None:
         """Join ``room`` (see :meth:`tether.Hub.join`); left automatically on close."""
-        await self._need_hub().join(self, room, meta, presence=presence)
+        await self._rooms_hub().join(self, room, meta, presence=presence)
 
     async def leave(self, room: str) -> None:
         """Leave ``room``; a no-op if this connection is not in it."""
-        await self._need_hub().leave(self, room)
+        await self._rooms_hub().leave(self, room)
 
-    def _need_hub(self) -> Hub:
+    def _rooms_hub(self) -> Rooms:
         if self.hub is None:
-            from .rooms import Hub
-
-            self.hub = Hub()
+            raise TypeError("this connection has no rooms hub (client connections cannot join rooms)")
         return self.hub
 
     @property
@@ -537,7 +689,7 @@ class Conn:
         """Broadcast statistics: send queue depth, frames dropped, frames sent."""
         return SendStats(len(self._send_queue or ()), self._dropped, self._sent)
 
-    def _write_shared(self, frame: bytes, opcode: int, payload: bytes) -> None:
+    def write_broadcast(self, frame: bytes, opcode: int, payload: bytes) -> None:
         """Write a broadcast frame built once for many receivers; never waits, never raises.
 
         While the socket's buffer is full the frame waits in a bounded queue instead.
@@ -550,10 +702,7 @@ class Conn:
         self._put_shared(frame, opcode, payload)
 
     def _put_shared(self, frame: bytes, opcode: int, payload: bytes) -> None:
-        if self._write_frame is not None:
-            self._write_frame(frame, opcode, payload)
-        else:
-            self._wire.write(opcode, payload)
+        self._transport.write_frame(frame, opcode, payload)
         self._sent += 1
         self._last_write = _now()
 
@@ -565,7 +714,7 @@ class Conn:
         if limit is not None and len(queue) >= limit:
             if self._overflow is Overflow.CLOSE:
                 self._send_queue = None
-                self._start_close(1013, "try again later")
+                self.start_close(1013, "try again later")
                 return
             self._dropped += 1
             if not queue:  # max_send_queue=0: nothing is ever queued

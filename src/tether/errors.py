@@ -10,7 +10,11 @@
     ├── InvalidHandshake          the client's upgrade was refused (status)
     ├── DecodeError               a message is not valid for the expected type (path)
     ├── ReplyError                raised by an app handler: becomes an ``error`` reply
-    └── CloseConnection           raised by a handler: closes the connection with a code
+    ├── CloseConnection           raised by a handler: closes the connection with a code
+    └── the reconnecting client's (``tether.Client``, tether.js has the same names):
+        ├── ConnectionLost            the connection dropped after a request was sent
+        ├── OutboxOverflow            a message was dropped from the full outbox
+        └── ClientClosed              the client is closed
 
 Local failures (a message we cannot decode) are separate from remote ones (the peer closed).
 Failures that reach the peer become close codes or error replies and never carry internals
@@ -29,6 +33,9 @@ __all__ = [
     "DecodeError",
     "ReplyError",
     "CloseConnection",
+    "ConnectionLost",
+    "OutboxOverflow",
+    "ClientClosed",
 ]
 
 
@@ -115,6 +122,18 @@ class CloseConnection(TetherError):
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
+
+
+class ConnectionLost(TetherError):
+    """The connection dropped after the request was sent; its reply will never come."""
+
+
+class OutboxOverflow(TetherError):
+    """The message was dropped from the full outbox before it could be sent."""
+
+
+class ClientClosed(TetherError):
+    """The client was closed with ``close()``, or for good by the server."""
 
 
 def closed_error(code: int, reason: str) -> ConnectionClosed:

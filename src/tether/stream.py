@@ -8,20 +8,24 @@ unless you really want bytes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .errors import ConnectionClosedOK
 
-if TYPE_CHECKING:
-    from .conn import Conn
-
 __all__ = ["ByteStream"]
+
+
+class _Messages(Protocol):
+    """What a stream needs of a connection (a :class:`tether.Conn`)."""
+
+    async def receive(self) -> str | bytes: ...
+    async def send(self, message: str | bytes, *, text: bool | None = None) -> None: ...
 
 
 class ByteStream:
     """``read(n)`` returns up to ``n`` bytes (``b""`` once the peer closed normally)."""
 
-    def __init__(self, conn: Conn, *, text: bool = False) -> None:
+    def __init__(self, conn: _Messages, *, text: bool = False) -> None:
         self._conn = conn
         self._text = text
         self._buffer = b""

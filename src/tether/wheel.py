@@ -3,7 +3,7 @@
 A ``TimerHandle`` per connection costs about half a KiB of an idle connection's memory (and
 a heap operation per reschedule). Instead, connections are put in buckets of ``RESOLUTION``
 seconds and a single timer per event loop wakes at the earliest bucket and calls each
-connection's ``_keepalive_tick``, which puts it back in a later bucket. A closed connection
+connection's ``keepalive_tick``, which puts it back in a later bucket. A closed connection
 is simply skipped when its bucket comes due.
 """
 
@@ -25,7 +25,7 @@ _now = time.monotonic
 
 
 class _Ticking(Protocol):
-    def _keepalive_tick(self) -> None: ...
+    def keepalive_tick(self) -> None: ...
 
 
 class _Wheel:
@@ -60,7 +60,7 @@ class _Wheel:
         now_slot = math.floor(_now() / RESOLUTION)
         while self._slots and self._slots[0] <= now_slot:
             for item in self._buckets.pop(heapq.heappop(self._slots)):
-                item._keepalive_tick()
+                item.keepalive_tick()
         if self._slots and self._armed is None:
             self._arm(self._slots[0])
 
@@ -69,7 +69,7 @@ _wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wheel] = weakref.
 
 
 def schedule(when: float, item: _Ticking) -> None:
-    """Call ``item._keepalive_tick()`` at ``when`` (``time.monotonic()`` seconds), or just after."""
+    """Call ``item.keepalive_tick()`` at ``when`` (``time.monotonic()`` seconds), or just after."""
     loop = asyncio.get_running_loop()
     wheel = _wheels.get(loop)
     if wheel is None:

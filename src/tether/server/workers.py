@@ -22,7 +22,9 @@ import socket
 import time
 from typing import Any
 
-from .broker import is_shared
+from ..app import App
+from ..rooms.hub import is_shared
+from .server import run_one
 
 __all__ = ["serve_workers", "check_workers"]
 
@@ -42,8 +44,8 @@ def check_workers(workers: int, broker: Any, routes: Any) -> None:
     if workers == 1 or is_shared(broker):
         return
     handlers = routes.values() if hasattr(routes, "values") else [routes]
-    apps = [h for h in handlers if hasattr(h, "_bind_hub")]
-    if apps and all(getattr(h, "_hub", None) is not None and h._hub.broker.shared for h in apps):
+    apps = [h for h in handlers if isinstance(h, App)]
+    if apps and all(h.own_hub is not None and h.own_hub.broker.shared for h in apps):
         return
     raise ValueError(
         f"workers={workers} needs a shared broker, e.g. broker='redis://127.0.0.1:6379/0' "
@@ -94,10 +96,8 @@ def _reserve(host: str, port: int) -> socket.socket:
 
 
 def _worker(routes: Any, host: str, port: int, kwargs: dict[str, Any]) -> None:
-    from .server import run
-
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    run(routes, host, port, reuse_port=True, **kwargs)
+    run_one(routes, host, port, reuse_port=True, **kwargs)
 
 
 def _supervise(procs: dict[int, multiprocessing.process.BaseProcess], spawn: Any) -> None:

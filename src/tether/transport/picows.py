@@ -1,8 +1,10 @@
-"""The picows transport: the only module that imports picows.
+"""The picows transport: tether's own server and the Python client. The only module that imports picows.
 
-picows parses and masks frames and answers pings; everything else RFC 6455 asks of an
-endpoint (fragments, UTF-8, reserved bits, message size, close handshake) is done by
-:mod:`tether.protocol` (pure) and :class:`tether.conn.Conn`. This module only translates.
+picows parses and masks frames; everything else RFC 6455 asks of an endpoint (fragments,
+UTF-8, reserved bits, message size, close handshake, answering pings) is done by
+:mod:`tether.proto.frames` (pure) and :class:`tether.Conn`. This module only translates:
+picows callbacks become :class:`tether.conn.TransportEvents`, and ``_Listener`` is the
+:class:`tether.conn.Transport` its ``Conn`` writes to.
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ import ssl as ssl_module
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
-from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 from picows import WSError as _PicowsError
 from picows import (
     WSFrame,
@@ -29,11 +30,12 @@ from picows import (
     ws_create_server,
 )
 
-from .conn import Conn, Request
-from .errors import InvalidHandshake
-from .protocol import OP_BINARY, OP_TEXT, CloseReceived, Fail, Receiver, frame_header
+from ..conn import Conn, ConnSettings, Request, make_request
+from ..errors import InvalidHandshake
+from ..proto.frames import OP_BINARY, OP_TEXT, CloseReceived, Fail, Receiver, frame_header
+from .base import INTERNAL_ERROR, HttpResponse
 
-__all__ = ["Accept", "HttpResponse", "TransportSettings", "create_server", "open_connection"]
+__all__ = ["Accept", "TransportSettings", "create_server", "open_connection"]
 
 logger = logging.getLogger("tether")
 
@@ -45,28 +47,14 @@ _DATA_OR_CLOSE = (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMs
 
 
 @dataclass(frozen=True, slots=True)
-class HttpResponse:
-    """A plain HTTP answer to a request that is not (or may not become) a WebSocket."""
-
-    status: int
-    body: bytes = b""
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
 class TransportSettings:
+    """The ``Conn`` settings plus what only picows needs."""
+
+    conn: ConnSettings = ConnSettings()
     max_message_size: int | None = 1 << 20
-    max_queue: int = 32
-    close_timeout: float = 5.0
     handshake_timeout: float | None = 5.0
     # A small initial read buffer keeps idle connections cheap; picows grows it on demand.
     read_buffer_size: int = 2048
-    # Keepalive: ping every interval, close 1011 if no pong within timeout (None disables).
-    ping_interval: float | None = 20.0
-    ping_timeout: float | None = 20.0
-    # Broadcast send queue per connection while its socket is full (docs/rooms.md).
-    max_send_queue: int | None = 256
-    send_overflow: str = "drop_oldest"
 
 
 class _PeerErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -97,7 +85,7 @@ Route = Callable[[Request], "HttpResponse | Accept"]
 
 
 class _Listener(WSListener):
-    """Feeds picows frames to a :class:`Conn`; also the ``Wire`` that ``Conn`` writes to."""
+    """Feeds picows frames to a :class:`Conn`; also the ``Transport`` that ``Conn`` writes to."""
 
     __slots__ = (
         "request", "conn", "_on_open", "_settings", "_is_client", "_receiver", "_max", "_transport", "_raw",
@@ -126,12 +114,7 @@ class _Listener(WSListener):
         self._raw = transport.underlying_transport
         peer = self._raw.get_extra_info("peername")
         self.request.remote_address = (peer[0], peer[1]) if peer else None
-        s = self._settings
-        self.conn = Conn(
-            self, self.request, is_client=self._is_client, max_queue=s.max_queue, close_timeout=s.close_timeout,
-            max_send_queue=s.max_send_queue, overflow=s.send_overflow,
-        )
-        self.conn._start_keepalive(s.ping_interval, s.ping_timeout)
+        self.conn = Conn(self, self.request, self._settings.conn, is_client=self._is_client)
         if self._on_open is not None:
             self._on_open(self.conn)
 
@@ -161,32 +144,32 @@ class _Listener(WSListener):
         if msg_type is _TEXT and frame.fin and not rsv and self._receiver.idle:
             # Fast path: a whole text message in one frame (the common case).
             if frame.payload_size > self._max:
-                conn._on_fail(1009, "message too big")
+                conn.on_protocol_error(1009, "message too big")
                 return
             try:
                 text = frame.get_payload_as_utf8_text()
             except UnicodeDecodeError:
-                conn._on_fail(1007, "invalid UTF-8")
+                conn.on_protocol_error(1007, "invalid UTF-8")
                 return
-            conn._on_data(text)
+            conn.on_message(text)
             return
         if msg_type not in _DATA_OR_CLOSE:
             if rsv:
-                conn._on_fail(1002, "reserved bits set")  # RFC 6455 section 5.2
+                conn.on_protocol_error(1002, "reserved bits set")  # RFC 6455 section 5.2
             elif msg_type is _PING:
-                conn._on_ping(frame.get_payload_as_bytes())
+                conn.on_ping(frame.get_payload_as_bytes())
             else:
-                conn._on_pong(frame.get_payload_as_bytes())
+                conn.on_pong(frame.get_payload_as_bytes())
             return
         event = self._receiver.receive_frame(msg_type.value, frame.fin, rsv, frame.get_payload_as_bytes())
         if event is None:
             return
         if isinstance(event, (str, bytes)):
-            conn._on_data(event)
+            conn.on_message(event)
         elif isinstance(event, CloseReceived):
-            conn._on_close_frame(event.code, event.reason)
+            conn.on_close_frame(event.code, event.reason)
         elif isinstance(event, Fail):
-            conn._on_fail(event.code, event.reason)
+            conn.on_protocol_error(event.code, event.reason)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         conn = self.conn
@@ -196,17 +179,17 @@ class _Listener(WSListener):
         if conn.close_code is None and handshake is not None and handshake.sent is not None:
             # picows failed the connection itself (e.g. an unmasked frame): record its code.
             conn.close_code, conn.close_reason = handshake.sent.code.value, handshake.sent.reason
-        conn._on_lost()
+        conn.on_lost()
 
     def pause_writing(self) -> None:
         if self.conn is not None:
-            self.conn._on_pause_writing()
+            self.conn.on_pause_writing()
 
     def resume_writing(self) -> None:
         if self.conn is not None:
-            self.conn._on_resume_writing()
+            self.conn.on_resume_writing()
 
-    # -- Wire ----------------------------------------------------------------------------
+    # -- Transport ----------------------------------------------------------------------------
     def write(self, opcode: int, payload: bytes) -> None:
         if self._corked:
             self._pending += (frame_header(opcode, len(payload)), payload)
@@ -257,14 +240,11 @@ class _Listener(WSListener):
         if self._transport is not None:
             self._transport.disconnect()
 
-
-def _request_from(path_and_query: str, headers: CIMultiDict[str]) -> Request:
-    path, _, qs = path_and_query.partition("?")
-    query = MultiDictProxy(MultiDict(parse_qsl(qs, keep_blank_values=True))) if qs else _NO_QUERY
-    return Request(path or "/", CIMultiDictProxy(headers), query, None)
-
-
-_NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())  # read-only, so one serves all
+    def abort(self) -> None:
+        self._pending.clear()
+        self._corked = False
+        if self._transport is not None:
+            self._transport.disconnect(graceful=False)
 
 
 def _http(response: HttpResponse) -> WSUpgradeResponseWithListener:
@@ -288,13 +268,13 @@ async def create_server(
     """Listen on ``host:port``; ``route`` decides, per request, an HTTP answer or a Conn."""
 
     def factory(upgrade: WSUpgradeRequest) -> _Listener | WSUpgradeResponseWithListener:
-        request = _request_from(upgrade.path.decode("latin-1"), upgrade.headers)
+        request = make_request(upgrade.path.decode("latin-1"), upgrade.headers)
         try:
             decision = route(request)
         except Exception:
             # picows would send str(exc) as the body: never leak internals.
             logger.exception("routing %s failed", request.path)
-            decision = HttpResponse(500, b"500 Internal Server Error\n")
+            decision = INTERNAL_ERROR
         if isinstance(decision, HttpResponse):
             return _http(decision)
         listener = _Listener(request, decision.on_open, settings, is_client=False)
@@ -327,7 +307,7 @@ async def open_connection(
     open_timeout: float | None = 10.0,
 ) -> Conn:
     """Open a client connection to ``url`` and return its :class:`Conn`."""
-    request = _request_from(urlsplit(url).path or "/", CIMultiDict())
+    request = make_request(urlsplit(url).path or "/")
     size = settings.max_message_size
     try:
         transport, listener = await ws_connect(

@@ -9,10 +9,13 @@
 
 Behaviour (the same as the browser client; see docs/clients.md):
 
-- reconnects after any unclean close with full-jitter exponential backoff (``backoff.py``,
-  the schedule tether.js uses too), reset only once a connection stayed up ``stable_after``;
-  never after :meth:`close` or a close code that means "do not retry" (1008, 4001, 4003),
-  nor after the server refused the handshake with 401 or 403; honours a 1001 ``retry_after``;
+- the decisions (outbox, pending requests, when to reconnect) are the pure session core
+  :mod:`tether.proto.session`, the same rules as tether.js, checked by shared vectors;
+- reconnects after any unclean close with full-jitter exponential backoff (the schedule
+  tether.js uses too), reset only once a connection stayed up ``stable_after``; never after
+  :meth:`close` or a close code that means "do not retry" (1008, 4001, 4003), nor after the
+  server refused the handshake with 401 or 403; honours a 1001 ``retry_after`` (at most
+  ``max_retry_after`` seconds);
 - ``params`` (a function, may be async) is called on every (re)connect, so a refreshed
   token is used; its result is added to the URL's query;
 - keeps a bounded outbox (``outbox_size``) of messages sent while disconnected and flushes it
@@ -28,52 +31,35 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from types import EllipsisType
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import msgspec
 
-from .backoff import Backoff, retry_after, should_reconnect
-from .client import connect
-from .conn import Conn
-from .envelope import encode_message
-from .errors import ConnectionClosed, InvalidHandshake, ReplyError, TetherError
-from .protocol import OP_TEXT
+from ..conn import Conn
+from ..errors import ClientClosed, ConnectionClosed, ConnectionLost, InvalidHandshake, OutboxOverflow, ReplyError
+from ..proto.backoff import Backoff
+from ..proto.envelope import Envelope, decode, encode_message
+from ..proto.frames import OP_TEXT
+from ..proto.session import Session, State
+from .connect import connect
 
-__all__ = ["Client", "ConnectionLost", "OutboxOverflow", "ClientClosed"]
+__all__ = ["Client", "ConnectionLost", "OutboxOverflow", "ClientClosed", "reply_error"]
 
 logger = logging.getLogger("tether.client")
 
-State = Literal["connecting", "open", "reconnecting", "closed"]
 Params = Callable[[], "Mapping[str, str] | Awaitable[Mapping[str, str]]"]
 
 
-class ConnectionLost(TetherError):
-    """The connection dropped after the request was sent; its reply will never come."""
-
-
-class OutboxOverflow(TetherError):
-    """The message was dropped from the full outbox before it could be sent."""
-
-
-class ClientClosed(TetherError):
-    """The client was closed with :meth:`Client.close`."""
-
-
-class _Incoming(msgspec.Struct):
-    type: str
-    data: Any = None
-    id: int | str | None = None
-
-
-_decode = msgspec.json.Decoder(_Incoming).decode
+def reply_error(data: Any) -> ReplyError:
+    """The :class:`tether.ReplyError` of an ``error`` envelope's data."""
+    data = data if isinstance(data, dict) else {}
+    return ReplyError(str(data.get("code", "error")), str(data.get("message", "")), data.get("path"))
 
 
 class Client:
@@ -88,31 +74,35 @@ class Client:
         outbox_size: int = 100,
         request_timeout: float | None = 10.0,
         backoff: Backoff | None = None,
+        max_retry_after: float = 60.0,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         **connect_kwargs: Any,
     ) -> None:
         self.url = url
-        self.state: State = "connecting"
-        self.backoff = backoff or Backoff()
+        self._session = Session(outbox_size=outbox_size, backoff=backoff or Backoff(), max_retry_after=max_retry_after)
         self._params = params
         self._headers = headers
         self._connect_kwargs = dict(connect_kwargs, ping_interval=ping_interval, ping_timeout=ping_timeout)
-        self._outbox: deque[tuple[bytes, int | None]] = deque()
-        self._outbox_size = outbox_size
         self._request_timeout = request_timeout
         self._handlers: dict[str, list[Callable[[Any], Any]]] = {}
         self._listeners: dict[str, list[Callable[..., Any]]] = {}
-        self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._in_flight: set[int] = set()  # request ids written to the current socket
-        self._ids = itertools.count(1)
+        self._futures: dict[int, asyncio.Future[Any]] = {}  # pending requests' replies
         self._conn: Conn | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._opened = 0
         self._waiters: list[asyncio.Future[None]] = []
         self._not_before = 0.0  # monotonic time before which a 1001 retry_after forbids retrying
         self._latency: float | None = None
+
+    @property
+    def state(self) -> State:
+        """``"connecting"`` (the first time), ``"open"``, ``"reconnecting"`` or ``"closed"``."""
+        return self._session.state
+
+    @property
+    def backoff(self) -> Backoff:
+        return self._session.backoff
 
     @property
     def latency(self) -> float | None:
@@ -146,18 +136,17 @@ class Client:
         """
         if self.state == "closed":
             raise ClientClosed("client is closed")
-        id = next(self._ids)
+        id = self._session.request_id()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[id] = future
-        self._push(encode_message(type, data, id), id)
+        self._futures[id] = future
         limit = self._request_timeout if isinstance(timeout, EllipsisType) else timeout
         try:
+            self._push(encode_message(type, data, id), id)
             async with asyncio.timeout(limit):
                 return await future
         finally:
-            self._pending.pop(id, None)
-            self._in_flight.discard(id)
-            self._outbox = deque(item for item in self._outbox if item[1] != id)
+            self._futures.pop(id, None)
+            self._session.forget(id)
 
     async def wait_open(self) -> None:
         """Wait until a connection is open."""
@@ -168,11 +157,9 @@ class Client:
 
     async def close(self) -> None:
         """Close for good: no reconnect; pending requests fail with :class:`ClientClosed`."""
-        self.state = "closed"
-        self._wake.set()
         # Before the socket closes: requests in flight fail as closed, not as lost.
-        self._fail_pending(ClientClosed("client is closed"), self._pending)
-        self._outbox.clear()
+        self._fail(self._session.close(), ClientClosed("client is closed"))
+        self._wake.set()
         if self._conn is not None:
             await self._conn.close()
         if self._task is not None:
@@ -201,63 +188,55 @@ class Client:
     # -- the connection loop ---------------------------------------------------------------
     async def _supervise(self) -> None:
         while self.state != "closed":
-            code, reason = await self._connect_once()
-            if self._closed_for_good():
-                return
-            if code in (401, 403) or not should_reconnect(code, deliberate=False):
-                logger.warning("not reconnecting after close %s %s", code, reason)
-                self.state = "closed"
-                self._fail_pending(ClientClosed(f"closed by the server: {code} {reason}"), self._pending)
+            code, reason, status = await self._connect_once()
+            by_user = self._closed()  # close() ran meanwhile
+            lost, retry = self._session.ended(code, reason, time.monotonic(), random.random(), status=status)
+            self._fail(lost, ConnectionLost("connection lost before the reply arrived"))
+            if retry is None:
+                if not by_user:
+                    logger.warning("not reconnecting after close %s %s", status or code, reason)
+                    self._fail(list(self._futures), ClientClosed(f"closed by the server: {status or code} {reason}"))
                 self._notify()
                 return
-            self.backoff.maybe_reset(time.monotonic())
-            not_before = retry_after(code, reason) or 0.0
-            delay = not_before + self.backoff.next_delay(random.random())
-            self._not_before = time.monotonic() + not_before
-            self.state = "reconnecting"
-            self._emit("reconnecting", self.backoff.attempt, delay)
+            self._not_before = time.monotonic() + retry.not_before
+            self._emit("reconnecting", self.backoff.attempt, retry.delay)
             self._notify()
             self._wake.clear()
             try:
-                async with asyncio.timeout(delay):
+                async with asyncio.timeout(retry.delay):
                     await self._wake.wait()
             except TimeoutError:
                 pass
             else:  # woken early: skip the backoff, never the server's retry_after
                 await asyncio.sleep(max(0.0, self._not_before - time.monotonic()))
 
-    async def _connect_once(self) -> tuple[int | None, str]:
-        """One connection, from opening to closing; returns how it ended."""
+    async def _connect_once(self) -> tuple[int | None, str, int | None]:
+        """One connection, from opening to closing: ``(close code, reason, refusal status)``."""
         try:
             conn = await connect(await self._url(), headers=self._headers, **self._connect_kwargs)
         except InvalidHandshake as exc:
-            return (exc.status or None), str(exc)
+            return None, str(exc), exc.status or None
         except (TimeoutError, OSError) as exc:
             logger.info("connect to %s failed: %s", self.url, exc)
-            return None, ""
-        self._conn = conn
+            return None, "", None
         if self.state == "closed":
             await conn.close()
-            return 1000, ""
-        self.state = "open"
-        self.backoff.connected(time.monotonic())
-        self._opened += 1
-        self._flush(conn)
+            return 1000, "", None
+        self._conn = conn
+        for payload, _ in self._session.connected(time.monotonic()):
+            conn.write(OP_TEXT, payload)
         self._emit("open")
-        if self._opened > 1:
+        if self._session.opened > 1:
             self._emit("reconnected")
         self._notify()
         try:
             async for message in conn:
-                self._dispatch(conn, message)
+                self._dispatch(message)
         except ConnectionClosed:
             pass
         self._conn = None
-        lost = {id: self._pending[id] for id in self._in_flight if id in self._pending}
-        self._in_flight.clear()
-        self._fail_pending(ConnectionLost("connection lost before the reply arrived"), lost)
         self._emit("close", conn.close_code, conn.close_reason)
-        return conn.close_code, conn.close_reason
+        return conn.close_code, conn.close_reason, None
 
     async def _url(self) -> str:
         if self._params is None:
@@ -270,9 +249,9 @@ class Client:
         return urlunsplit(parts._replace(query=query))
 
     # -- messages ------------------------------------------------------------------------
-    def _dispatch(self, conn: Conn, message: str | bytes) -> None:
+    def _dispatch(self, message: str | bytes) -> None:
         try:
-            incoming = _decode(message)
+            incoming = decode(message)
         except msgspec.DecodeError:
             logger.warning("ignoring a message that is not a tether envelope")
             return
@@ -290,49 +269,42 @@ class Client:
                 except Exception:
                     logger.exception("handler for %r failed", kind)
 
-    def _settle(self, incoming: _Incoming) -> None:
-        future = self._pending.get(incoming.id) if isinstance(incoming.id, int) else None
+    def _settle(self, incoming: Envelope) -> None:
+        if not self._session.settle(incoming.id):
+            return
+        assert isinstance(incoming.id, int)
+        future = self._futures.get(incoming.id)
         if future is None or future.done():
             return
-        self._in_flight.discard(incoming.id)
         if incoming.type == "reply":
             future.set_result(incoming.data)
         else:
-            data = incoming.data if isinstance(incoming.data, dict) else {}
-            future.set_exception(ReplyError(str(data.get("code", "error")), str(data.get("message", "")), data.get("path")))
+            future.set_exception(reply_error(incoming.data))
 
     def _push(self, payload: bytes, id: int | None) -> None:
-        conn = self._conn
-        if self.state == "open" and conn is not None:
-            try:
-                conn._write(OP_TEXT, payload)
-            except ConnectionClosed:
-                pass
-            else:
-                if id is not None:
-                    self._in_flight.add(id)
-                return
         if self.state == "closed":
             raise ClientClosed("client is closed")
-        self._outbox.append((payload, id))
-        if len(self._outbox) > self._outbox_size:  # full (or size 0): drop the oldest, as tether.js
-            _, dropped = self._outbox.popleft()
-            future = self._pending.get(dropped) if dropped is not None else None
-            if future is not None and not future.done():
-                future.set_exception(OutboxOverflow("dropped from the full outbox"))
+        write_now, dropped = self._session.send(payload, id)
+        conn = self._conn
+        if write_now:
+            try:
+                assert conn is not None
+                conn.write(OP_TEXT, payload)
+            except ConnectionClosed:  # going away: it waits for the next connection
+                dropped = self._session.queue(payload, id)
+            else:
+                self._session.wrote(id)
+                return
+        if dropped is not None:
+            if dropped[1] is not None:
+                self._fail([dropped[1]], OutboxOverflow("dropped from the full outbox"))
             self._emit("outboxoverflow")
 
-    def _flush(self, conn: Conn) -> None:
-        while self._outbox and self._conn is conn:
-            payload, id = self._outbox.popleft()
-            conn._write(OP_TEXT, payload)
-            if id is not None:
-                self._in_flight.add(id)
-
     # -- plumbing ------------------------------------------------------------------------
-    def _fail_pending(self, exc: Exception, futures: Mapping[int, asyncio.Future[Any]]) -> None:
-        for future in list(futures.values()):
-            if not future.done():
+    def _fail(self, ids: list[int], exc: Exception) -> None:
+        for id in ids:
+            future = self._futures.get(id)
+            if future is not None and not future.done():
                 future.set_exception(exc)
 
     def _emit(self, event: str, *args: Any) -> None:
@@ -342,8 +314,8 @@ class Client:
             except Exception:
                 logger.exception("listener for %r failed", event)
 
-    def _closed_for_good(self) -> bool:
-        # A method, not an inline comparison: close() changes state while we await.
+    def _closed(self) -> bool:
+        # A method, not an inline comparison: close() changes the state while we await.
         return self.state == "closed"
 
     def _notify(self) -> None:

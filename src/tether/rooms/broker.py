@@ -10,8 +10,9 @@ A broker does two jobs for a hub:
 
 Two implementations: :class:`MemoryBroker` (this module, the default: one process, nothing
 to set up; several hubs in one process can share a :class:`MemoryBus`, which is how tests
-and embedders model a cluster) and :class:`tether.redis_broker.RedisBroker` (pub/sub +
-presence with expiry). :func:`make_broker` turns the ``broker=`` setting into one.
+and embedders model a cluster) and :class:`tether.rooms.redis.RedisBroker` (pub/sub +
+presence with expiry). :func:`tether.rooms.hub.make_broker` turns the ``broker=`` setting
+into one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import abc
 from collections.abc import Callable
 from typing import ClassVar
 
-__all__ = ["Broker", "MemoryBroker", "MemoryBus", "Deliver", "make_broker"]
+__all__ = ["Broker", "MemoryBroker", "MemoryBus", "Deliver"]
 
 #: ``deliver(room, data)``: called by a broker for every publication it receives.
 Deliver = Callable[[str, bytes], None]
@@ -128,29 +129,3 @@ class MemoryBroker(Broker):
 
     async def members(self, room: str) -> dict[str, bytes]:
         return dict(self.bus.presence.get(room, {}))
-
-
-def make_broker(setting: str | Broker | None) -> Broker:
-    """The broker for a ``broker=`` setting.
-
-    ``None`` or ``"memory://"`` -> :class:`MemoryBroker`; ``"redis://..."`` or
-    ``"rediss://..."`` -> :class:`tether.redis_broker.RedisBroker` (needs
-    ``pip install 'tether[redis]'``); a :class:`Broker` instance is used as is.
-    Raises ``ValueError`` for any other string.
-    """
-    if setting is None or setting == "memory://":
-        return MemoryBroker()
-    if isinstance(setting, Broker):
-        return setting
-    if isinstance(setting, str) and setting.startswith(("redis://", "rediss://", "unix://")):
-        from .redis_broker import RedisBroker
-
-        return RedisBroker(setting)
-    raise ValueError(f"unknown broker {setting!r}: use None, 'memory://', 'redis://host:port/db' or a Broker")
-
-
-def is_shared(setting: str | Broker | None) -> bool:
-    """Whether a ``broker=`` setting reaches other processes (without connecting anything)."""
-    if isinstance(setting, Broker):
-        return setting.shared
-    return isinstance(setting, str) and setting.startswith(("redis://", "rediss://", "unix://"))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import tether.protocol as protocol
-from tether.protocol import (
+import tether.proto.frames as protocol
+from tether.proto.frames import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONT,

@@ -24,28 +24,52 @@ other processes serving the room, and keeps presence: who is in a room, with app
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import logging
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import msgspec
 
-from .broker import Broker, make_broker
-from .conn import Conn, ConnState
-from .errors import ReplyError
-from .protocol import OP_BINARY, OP_TEXT, encode_frame, frame_header
+from ..conn import Conn, ConnState
+from ..proto.envelope import encode, encode_message
+from ..proto.frames import OP_BINARY, OP_TEXT, encode_frame
+from .broker import Broker, MemoryBroker
 
-__all__ = ["Hub", "Member", "frame_header", "encode_frame"]
+__all__ = ["Hub", "Member", "make_broker", "is_shared", "pack", "unpack"]
 
 logger = logging.getLogger("tether.rooms")
 
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
-# -- frames (pure) -------------------------------------------------------------------------
+
+def make_broker(setting: str | Broker | None) -> Broker:
+    """The broker for a ``broker=`` setting.
+
+    ``None`` or ``"memory://"`` -> :class:`MemoryBroker`; ``"redis://..."`` or
+    ``"rediss://..."`` -> :class:`tether.rooms.redis.RedisBroker` (needs
+    ``pip install 'tether[redis]'``); a :class:`Broker` instance is used as is.
+    Raises ``ValueError`` for any other string.
+    """
+    if setting is None or setting == "memory://":
+        return MemoryBroker()
+    if isinstance(setting, Broker):
+        return setting
+    if isinstance(setting, str) and setting.startswith(_REDIS_SCHEMES):
+        from .redis import RedisBroker  # redis is an optional extra: import it only when asked
+
+        return RedisBroker(setting)
+    raise ValueError(f"unknown broker {setting!r}: use None, 'memory://', 'redis://host:port/db' or a Broker")
+
+
+def is_shared(setting: str | Broker | None) -> bool:
+    """Whether a ``broker=`` setting reaches other processes (without connecting anything)."""
+    if isinstance(setting, Broker):
+        return setting.shared
+    return isinstance(setting, str) and setting.startswith(_REDIS_SCHEMES)
+
+
 # -- what travels between processes (pure) --------------------------------------------------
 _NODE_LEN = 12  # secrets.token_hex(6)
 
@@ -60,21 +84,6 @@ def unpack(data: bytes) -> tuple[str, int, bytes]:
     if len(data) <= _NODE_LEN:
         raise ValueError("broker message too short")
     return data[:_NODE_LEN].decode(), data[_NODE_LEN], data[_NODE_LEN + 1 :]
-
-
-class _RoomMessage(msgspec.Struct, omit_defaults=True):
-    """A broadcast envelope: the app's ``type`` and ``data`` plus the ``room`` it went to."""
-
-    type: str
-    data: Any = None
-    room: str = ""
-
-
-_encoder = msgspec.json.Encoder()
-
-
-def encode_room_message(type: str, data: Any, room: str) -> bytes:
-    return _encoder.encode(_RoomMessage(type, data, room))
 
 
 # -- the hub ---------------------------------------------------------------------------------
@@ -153,7 +162,7 @@ class Hub:
         Raises :class:`tether.ConnectionClosed` if ``conn`` is closed.
         """
         if conn.state is not ConnState.OPEN:
-            raise conn._closed_exception()
+            raise conn.closed_error()
         await self.start()
         members = self._rooms.setdefault(room, {})
         if conn in members:
@@ -162,11 +171,11 @@ class Hub:
         members[conn] = member
         if conn not in self._of:
             self._of[conn] = set()
-            conn._closed.add_done_callback(partial(self._conn_closed, conn))
+            conn.on_close(self._conn_closed)
         self._of[conn].add(room)
         await self._subscribe(room)
         if member is not None:
-            await self._announce_join(conn, room, member, _encoder.encode(meta))
+            await self._announce_join(conn, room, member, encode(meta))
 
     async def _announce_join(self, conn: Conn, room: str, member: str, meta: bytes) -> None:
         await self.broker.put_member(room, member, meta)
@@ -199,7 +208,7 @@ class Hub:
             self._spawn(self.broker.unsubscribe(room))
         return True, member
 
-    def _conn_closed(self, conn: Conn, _: object = None) -> None:
+    def _conn_closed(self, conn: Conn) -> None:
         """A member closed: leave its rooms now (locally), tell the broker soon after."""
         for room in self._of.pop(conn, ()):
             found, member = self._remove(conn, room)
@@ -252,7 +261,7 @@ class Hub:
         many connections of this process got it (or had it queued); other processes get it
         through the broker.
         """
-        return await self.send(room, encode_room_message(type, data, room), exclude=exclude, text=True)
+        return await self.send(room, encode_message(type, data, room=room), exclude=exclude, text=True)
 
     async def send(self, room: str, message: str | bytes, *, exclude: Conn | None = None, text: bool | None = None) -> int:
         """Send a raw ``message`` to every member of ``room``: ``str`` as a text frame,
@@ -275,7 +284,7 @@ class Hub:
         count = 0
         for conn in tuple(members):  # a write may close a slow consumer: iterate a copy
             if conn is not exclude:
-                conn._write_shared(frame, opcode, payload)
+                conn.write_broadcast(frame, opcode, payload)
                 count += 1
         return count
 
@@ -288,55 +297,3 @@ class Hub:
             return
         if node != self.node:
             self._fanout(room, opcode, payload, None)
-
-
-# -- client requests (reserved types "join", "leave", "presence"; docs/protocol.md) ----------
-class JoinRequest(msgspec.Struct):
-    room: str
-    meta: Any = None
-
-
-class RoomRequest(msgspec.Struct):
-    room: str
-
-
-OnJoin = Callable[[Conn, str, Any], Any]
-
-
-def client_routes(on_join: list[OnJoin]) -> dict[str, Callable[..., Any]]:
-    """Handlers of the client's room requests, for :class:`tether.App`.
-
-    A client may join only if the app registered ``@app.on_join`` hooks and every one of
-    them agrees: ``True`` keeps the client's ``meta``, any other value except ``False`` and
-    ``None`` replaces it (the server decides what others see), ``False``/``None`` refuses
-    with the error code ``forbidden``; raising ``tether.ReplyError`` refuses with its code.
-    """
-
-    async def join(conn: Conn, data: JoinRequest) -> dict[str, Any]:
-        if not on_join:
-            raise ReplyError("forbidden", "this app does not let clients join rooms")
-        limit = conn._need_hub().max_rooms
-        if limit is not None and data.room not in conn.rooms and len(conn.rooms) >= limit:
-            raise ReplyError("too_many_rooms", f"a connection may be in at most {limit} rooms")
-        meta = data.meta
-        for hook in on_join:
-            verdict = hook(conn, data.room, meta)
-            if inspect.isawaitable(verdict):
-                verdict = await verdict
-            if verdict is False or verdict is None:
-                raise ReplyError("forbidden", f"not allowed to join {data.room!r}")
-            if verdict is not True:
-                meta = verdict
-        await conn.join(data.room, meta)
-        hub = conn._need_hub()
-        return {"room": data.room, "id": hub.member_id(conn), "presence": await hub.presence(data.room)}
-
-    async def leave(conn: Conn, data: RoomRequest) -> None:
-        await conn.leave(data.room)
-
-    async def presence(conn: Conn, data: RoomRequest) -> list[Member]:
-        if data.room not in conn.rooms:
-            raise ReplyError("forbidden", f"join {data.room!r} first")
-        return await conn._need_hub().presence(data.room)
-
-    return {"join": join, "leave": leave, "presence": presence}

@@ -15,9 +15,9 @@ import ssl as ssl_module
 from collections.abc import Generator, Mapping
 from typing import Any
 
-from . import _picows
-from ._picows import TransportSettings
-from .conn import Conn
+from ..conn import Conn, ConnSettings
+from ..transport import picows
+from ..transport.picows import TransportSettings
 
 __all__ = ["connect"]
 
@@ -49,19 +49,14 @@ class connect:
     ) -> None:
         self.url = url
         self._headers = list(headers.items()) if headers else None
-        self._settings = TransportSettings(
-            max_message_size=max_message_size,
-            max_queue=max_queue,
-            close_timeout=close_timeout,
-            ping_interval=ping_interval,
-            ping_timeout=ping_timeout,
-        )
+        conn = ConnSettings(max_queue=max_queue, close_timeout=close_timeout, ping_interval=ping_interval, ping_timeout=ping_timeout)
+        self._settings = TransportSettings(conn, max_message_size=max_message_size)
         self._open_timeout = open_timeout
         self._ssl = ssl
         self._conn: Conn | None = None
 
     async def _open(self) -> Conn:
-        return await _picows.open_connection(
+        return await picows.open_connection(
             self.url, self._settings, headers=self._headers, ssl=self._ssl, open_timeout=self._open_timeout
         )
 

@@ -1,0 +1,198 @@
+"""``App``: typed messages routed by type, request/reply, errors as data, lifecycle hooks.
+
+.. code-block:: python
+
+    app = tether.App()
+
+    class Chat(msgspec.Struct):
+        text: str
+
+    @app.on("chat")
+    async def chat(conn: tether.Conn, data: Chat) -> dict[str, int]:
+        await conn.emit("chat", data)          # push a typed message
+        return {"length": len(data.text)}      # the reply, if the client sent an "id"
+
+An ``App`` is a connection handler: mount it like any ``async def handler(conn)``. The
+wire format is in docs/protocol.md. All handlers' envelopes are decoded by one msgspec
+decoder (a tagged union on ``type``) built when the app first serves a connection.
+
+Ordering: messages of one connection are handled one at a time, in order. A handler that
+never suspends runs inline (no task is created); one that awaits something slow holds
+later messages of that connection until it finishes (they queue, with backpressure).
+``@app.on(type, concurrent=True)`` runs a handler in its own task instead, for work that
+may overlap (replies then come in completion order), at most ``max_concurrent`` (default 64)
+at once per connection: past that the connection's messages wait and reading pauses.
+The per-connection scheduler is :mod:`tether.app.dispatch`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..conn import Conn
+from ..errors import CloseConnection
+from ..rooms.broker import Broker
+from ..rooms.hub import Hub, Member
+from .dispatch import Dispatcher, Table
+from .registry import RESERVED_TYPES, Route, build_decoder, make_route
+from .rooms import OnJoin, client_routes
+
+if TYPE_CHECKING:
+    from ..transport.asgi import ASGIApp
+
+__all__ = ["App", "RESERVED_TYPES"]
+
+logger = logging.getLogger("tether")
+
+
+class App:
+    """A typed-message application. See the module docstring.
+
+    ``broker`` gives the app rooms of its own (else it uses its server's hub);
+    ``max_concurrent`` bounds the ``concurrent=True`` handlers running at once per connection.
+    """
+
+    def __init__(self, *, broker: str | Broker | None = None, max_concurrent: int = 64) -> None:
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be >= 1")
+        self.routes: dict[str, Route] = {}
+        # Rooms (docs/rooms.md): our own hub if given a broker, else the server's.
+        self._hub: Hub | None = Hub(broker) if broker is not None else None
+        self._on_join: list[OnJoin] = []
+        rooms = client_routes(self._on_join, lambda conn: self.hub)
+        self._room_routes = {t: make_route(t, fn, False) for t, fn in rooms.items()}
+        self._on_connect: list[Callable[[Conn], Any]] = []
+        self._on_disconnect: list[Callable[[Conn, int, str], Any]] = []
+        self._table: Table | None = None
+        self.max_concurrent = max_concurrent
+        #: Types the server sends (declared with :meth:`emits`), for the schema.
+        self.emitted: dict[str, Any] = {}
+
+    # -- registration ------------------------------------------------------------------
+    def on(self, type: str, *, concurrent: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Register the handler for messages of ``type``: ``fn(conn, data)`` or ``fn(conn)``.
+
+        The annotation of ``data`` (a msgspec Struct, dataclass, TypedDict, or builtin type)
+        is what incoming data is validated against. Sync and async functions both work.
+        """
+        if type in RESERVED_TYPES:
+            raise ValueError(f"message type {type!r} is reserved by tether")
+        if type in self.routes:
+            raise ValueError(f"message type {type!r} already has a handler")
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.routes[type] = make_route(type, fn, concurrent)
+            self._table = None
+            return fn
+
+        return register
+
+    def emits(self, type: str, data_type: Any) -> None:
+        """Declare a message type the server sends (``conn.emit(type, ...)``) for the schema."""
+        self.emitted[type] = data_type
+
+    def on_connect(self, fn: Callable[[Conn], Any]) -> Callable[[Conn], Any]:
+        """Register a hook run when a connection opens, before any message is handled.
+
+        It may set ``conn.assigns`` or reject with ``raise tether.CloseConnection(4001, ...)``.
+        """
+        self._on_connect.append(fn)
+        return fn
+
+    def on_disconnect(self, fn: Callable[[Conn, int, str], Any]) -> Callable[[Conn, int, str], Any]:
+        """Register a hook run when a connection has closed: ``fn(conn, code, reason)``."""
+        self._on_disconnect.append(fn)
+        return fn
+
+    def asgi(self, **settings: Any) -> ASGIApp:
+        """This app as an ASGI application: ``Starlette(routes=[WebSocketRoute("/ws", app.asgi())])``.
+
+        ``settings`` are those of :func:`tether.asgi.asgi`.
+        """
+        from ..transport.asgi import asgi
+
+        return asgi(self, **settings)
+
+    def on_join(self, fn: OnJoin) -> OnJoin:
+        """Let clients join rooms (``{"type": "join", "data": {"room", "meta"}}``), if ``fn`` agrees.
+
+        ``fn(conn, room, meta)`` returns ``True`` (accept the client's meta), ``False`` or
+        ``None`` (refuse: error ``forbidden``), or the meta to use instead; it may raise
+        ``tether.ReplyError``. Without any ``on_join`` hook clients cannot join rooms.
+        """
+        self._on_join.append(fn)
+        return fn
+
+    # -- rooms -------------------------------------------------------------------------
+    @property
+    def hub(self) -> Hub:
+        """The rooms hub: the app's own (``App(broker=...)``), else its server's."""
+        if self._hub is None:
+            self._hub = Hub()
+        return self._hub
+
+    @property
+    def own_hub(self) -> Hub | None:
+        """The hub this app has, if any yet (its own broker's, or one bound by a server)."""
+        return self._hub
+
+    def bind_hub(self, hub: Hub) -> Hub:
+        """Called by the server or transport that mounts this app: use ``hub`` unless the app
+        has one already; returns the hub the app uses."""
+        if self._hub is None:
+            self._hub = hub
+        return self._hub
+
+    async def broadcast(self, room: str, type: str, data: Any = None, *, exclude: Conn | None = None) -> int:
+        """Send ``{"type", "data", "room"}`` to every member of ``room`` (see :meth:`tether.Hub.broadcast`)."""
+        return await self.hub.broadcast(room, type, data, exclude=exclude)
+
+    async def presence(self, room: str) -> list[Member]:
+        """Who is in ``room``, on every process (see :meth:`tether.Hub.presence`)."""
+        return await self.hub.presence(room)
+
+    # -- serving -----------------------------------------------------------------------
+    async def __call__(self, conn: Conn) -> None:
+        """Serve one connection (this is what makes an App a handler)."""
+        table = self.table()
+        hub = self.bind_hub(conn.hub) if isinstance(conn.hub, Hub) else self.hub
+        conn.hub = hub
+        try:
+            for hook in self._on_connect:
+                await _maybe_await(hook(conn))
+            interval, timeout = conn.keepalive
+            await conn.emit("welcome", {"heartbeat": {"interval": interval, "timeout": timeout}})
+            await Dispatcher(conn, table).run()
+        except Exception as exc:
+            # Close now (as run_handler would), or the disconnect hooks below wait for ever.
+            code, reason = (exc.code, exc.reason) if isinstance(exc, CloseConnection) else (1011, "internal error")
+            conn.start_close(code, reason)
+            raise
+        finally:
+            await self._disconnected(conn)
+
+    async def _disconnected(self, conn: Conn) -> None:
+        await conn.wait_closed()
+        for hook in self._on_disconnect:
+            try:
+                await _maybe_await(hook(conn, conn.close_code or 1006, conn.close_reason))
+            except Exception:
+                logger.exception("on_disconnect hook failed")
+
+    def table(self) -> Table:
+        """The decoder and routes every connection shares, built once (again after ``on``)."""
+        if self._table is None:
+            routes = [*self.routes.values(), *self._room_routes.values()]
+            decoder, by_class = build_decoder(routes)
+            known = self.routes.keys() | self._room_routes.keys()
+            self._table = Table(decoder, by_class, known.__contains__, self.max_concurrent)
+        return self._table
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value

@@ -1,0 +1,310 @@
+"""The App's per-connection scheduler: each message to its handler, in order, exactly one reply.
+
+A :class:`Dispatcher` is the :class:`tether.conn.Consumer` of one connection. The connection
+hands it every message; it decodes the envelope with the App's one decoder, runs the handler
+*eagerly* (a handler that finishes without suspending never creates a task or a future), and
+writes the reply. The handler runs as part of the connection's own task (``host``: the one
+running ``App.__call__``), so ``asyncio.current_task()`` and ``asyncio.timeout()`` work in it.
+
+- A handler that **suspends** holds the connection (later messages wait in its bounded inbox,
+  with backpressure) and the host task drives it to its end, then releases the connection.
+- ``concurrent=True`` handlers run in their own tasks, at most ``max_concurrent`` at once per
+  connection: at the cap the connection is held, so its inbox fills and reading pauses.
+- A message arriving in **another task** (the ASGI reader) is queued and handed over to the
+  host task, so handlers always run in the connection's task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from asyncio.tasks import _enter_task, _leave_task  # stable since 3.7; how 3.12's eager tasks run
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ..conn import Conn, ConnState, Message
+from ..errors import CloseConnection, ConnectionClosed, ReplyError
+from ..proto.envelope import INTERNAL, RATE_LIMITED, Id, encode_error, encode_message, error_id
+from ..proto.frames import OP_TEXT
+from .registry import Route, classify
+
+try:  # the C function: asyncio.current_task is a Python wrapper around it on 3.11
+    from _asyncio import current_task as _current_task  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - interpreters without the C accelerator
+    from asyncio import current_task as _current_task
+
+__all__ = ["Dispatcher", "Table"]
+
+logger = logging.getLogger("tether")
+
+_HEARTBEAT = "heartbeat"
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """What every dispatcher of one App shares: the decoder, each class's route, the types."""
+
+    decoder: msgspec.json.Decoder[Any]
+    by_class: dict[type, Route]
+    known: Callable[[str], bool]
+    max_concurrent: int
+
+
+class _Suspended:
+    """A handler that suspended, for the host task to finish: its coroutine, id, done future."""
+
+    __slots__ = ("resume", "id", "done")
+
+    def __init__(self, resume: _Resume, id: Id, done: asyncio.Future[None]) -> None:
+        self.resume, self.id, self.done = resume, id, done
+
+
+_DISPATCH = object()  # a job for the host task: hand the queued messages over
+
+
+class Dispatcher:
+    """Serves one connection for an App (see the module docstring)."""
+
+    __slots__ = ("conn", "_table", "_host", "_job", "_job_ready", "_heartbeat_sent", "_busy", "_running", "_suspended")
+
+    def __init__(self, conn: Conn, table: Table) -> None:
+        self.conn = conn
+        self._table = table
+        self._host: asyncio.Task[Any] | None = None
+        self._job: Any = None
+        self._job_ready: asyncio.Future[None] | None = None
+        self._heartbeat_sent: float | None = None
+        self._busy: set[asyncio.Future[Any]] | None = None  # handlers running now (graceful shutdown)
+        self._running = 0  # concurrent=True handlers running now
+        self._suspended = False  # a handler suspended and holds the connection
+
+    # -- the host task -------------------------------------------------------------------
+    async def run(self) -> None:
+        """The connection's task: take messages, and drive handlers that suspend, until closed."""
+        conn = self.conn
+        loop = asyncio.get_running_loop()
+        self._host = asyncio.current_task()
+        conn.on_close(lambda _: self._wake(None))
+        conn.consumer = self
+        try:
+            conn.release()  # what arrived during on_connect and the welcome
+            while conn.state is not ConnState.CLOSED:
+                self._job_ready = loop.create_future()
+                if self._job is None:
+                    await self._job_ready
+                job, self._job = self._job, None
+                if isinstance(job, _Suspended):
+                    await self._finish(job)
+                if self._open() and self._may_release():
+                    conn.release()
+        finally:
+            conn.consumer = None
+
+    def _wake(self, job: Any) -> None:
+        """Give the host task a job (a suspended handler, or _DISPATCH)."""
+        if job is not None:
+            self._job = job
+        ready = self._job_ready
+        if ready is not None and not ready.done():
+            ready.set_result(None)
+
+    def _open(self) -> bool:
+        # A method, not an inline comparison: the state changes while we await.
+        return self.conn.state is not ConnState.CLOSED
+
+    def _may_release(self) -> bool:
+        return not self._suspended and self._running < self._table.max_concurrent
+
+    def busy(self) -> list[asyncio.Future[Any]]:
+        """Handlers running now: a graceful shutdown lets them send their replies."""
+        return list(self._busy or ())
+
+    # -- Consumer: called by the connection ----------------------------------------------
+    def message(self, message: Message) -> bool | None:
+        """Handle one message now, as part of the host task; False: not in this task."""
+        loop = asyncio.get_running_loop()
+        host = self._host
+        current = _current_task(loop)
+        if current is host or host is None:
+            self._handle(message)
+        elif current is None:
+            _enter_task(loop, host)
+            try:
+                self._handle(message)
+            finally:
+                _leave_task(loop, host)
+        else:
+            # Called from another task (an ASGI reader): the host task takes it from the queue.
+            if self._job is None:
+                self._wake(_DISPATCH)
+            return False
+        return None
+
+    def rate_limited(self, message: Message) -> None:
+        """An error reply to a message over the rate limit, with its id when it has one."""
+        text = "too many messages: slow down"
+        self._write(encode_error(error_id(message), RATE_LIMITED, text))
+
+    def heartbeat(self, now: float) -> None:
+        """Nothing was written for an interval: a heartbeat browsers can see (and echo)."""
+        self._heartbeat_sent = now
+        self.conn.write(OP_TEXT, encode_message(_HEARTBEAT, {"t": now}))
+
+    # -- one message -----------------------------------------------------------------------
+    def _handle(self, message: Message) -> None:
+        conn = self.conn
+        if isinstance(message, bytes):
+            conn.start_close(1003, "typed apps accept text frames only")
+            return
+        table = self._table
+        try:
+            envelope = table.decoder.decode(message)
+        except msgspec.DecodeError as exc:
+            self._write(encode_error(*classify(message, exc, table.known)))
+            return
+        route = table.by_class.get(envelope.__class__)
+        if route is None:
+            self._client_heartbeat(envelope.data)
+            return
+        if route.concurrent:
+            self._spawn(route, envelope.data, envelope.id)
+            return
+        try:
+            result = route.fn(conn, envelope.data) if route.takes_data else route.fn(conn)
+            if route.is_async:
+                # Run the coroutine eagerly: most handlers finish without suspending.
+                try:
+                    yielded = result.send(None)
+                except StopIteration as stop:
+                    result = stop.value
+                else:
+                    self._suspend(result, yielded, envelope.id)
+                    return
+        except Exception as exc:
+            self._failed(exc, envelope.id)
+            return
+        if envelope.id is not None:
+            self._reply(result, envelope.id)
+
+    def _reply(self, result: Any, id: int | str) -> None:
+        try:
+            payload = encode_message("reply", result, id)
+        except (TypeError, msgspec.EncodeError):
+            logger.exception("reply of a %r handler cannot be encoded", self.conn.path)
+            payload = encode_error(id, INTERNAL, "internal error")
+        self.conn.write(OP_TEXT, payload)
+
+    def _write(self, payload: bytes) -> None:
+        try:
+            self.conn.write(OP_TEXT, payload)
+        except ConnectionClosed:
+            pass
+
+    def _failed(self, exc: BaseException, id: Id) -> None:
+        if isinstance(exc, ReplyError):
+            self._write(encode_error(id, exc.code, exc.message))
+        elif isinstance(exc, CloseConnection):
+            self.conn.start_close(exc.code, exc.reason)
+        elif isinstance(exc, ConnectionClosed):
+            pass
+        elif isinstance(exc, Exception):
+            logger.error("handler failed on %s", self.conn.path, exc_info=exc)
+            self._write(encode_error(id, INTERNAL, "internal error"))
+        else:
+            raise exc
+
+    def _client_heartbeat(self, data: Any) -> None:
+        """A client's heartbeat: our own echoed back (measure latency), or one to echo."""
+        t = data.get("t") if isinstance(data, dict) else None
+        if t is not None and t == self._heartbeat_sent:
+            self.conn.latency = time.monotonic() - t
+            return
+        self._write(encode_message(_HEARTBEAT, data))
+
+    # -- handlers that suspend -------------------------------------------------------------
+    def _suspend(self, coro: Any, yielded: Any, id: Id) -> None:
+        """A handler suspended: the host task finishes it; later messages wait."""
+        self.conn.hold()  # messages now queue in the inbox, with backpressure
+        self._suspended = True
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._track(done)
+        self._wake(_Suspended(_Resume(coro, yielded), id, done))
+
+    async def _finish(self, job: _Suspended) -> None:
+        try:
+            result = await job.resume
+        except Exception as exc:
+            self._failed(exc, job.id)
+        else:
+            if job.id is not None and self.conn.state is ConnState.OPEN:
+                self._reply(result, job.id)
+        finally:
+            self._suspended = False
+            job.done.set_result(None)
+
+    # -- concurrent=True handlers ------------------------------------------------------------
+    def _spawn(self, route: Route, data: Any, id: Id) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_task(route, data, id))
+        self._track(task)
+        self._running += 1
+        if self._running >= self._table.max_concurrent:
+            self.conn.hold()  # at the cap: the inbox fills, then reading pauses
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        full = self._running >= self._table.max_concurrent
+        self._running -= 1
+        if full and self._may_release() and self.conn.state is ConnState.OPEN:
+            self.conn.release()
+
+    async def _run_task(self, route: Route, data: Any, id: Id) -> None:
+        conn = self.conn
+        try:
+            result = route.fn(conn, data) if route.takes_data else route.fn(conn)
+            if route.is_async:
+                result = await result
+        except Exception as exc:
+            self._failed(exc, id)
+        else:
+            if id is not None and conn.state is ConnState.OPEN:
+                self._reply(result, id)
+
+    def _track(self, future: asyncio.Future[Any]) -> None:
+        busy = self._busy
+        if busy is None:
+            busy = self._busy = set()
+        busy.add(future)
+        future.add_done_callback(busy.discard)
+
+
+class _Resume:
+    """Await the rest of a coroutine that was started eagerly and has suspended.
+
+    The first value it yielded (usually a Future) is passed up to the running task, then
+    the coroutine is driven to the end exactly as ``await coro`` would have done.
+    """
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Any, first: Any) -> None:
+        self._coro, self._first = coro, first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, to_yield = self._coro, self._first
+        while True:
+            try:
+                sent = yield to_yield
+            except BaseException as exc:  # cancellation or an error thrown in: forward it
+                try:
+                    to_yield = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    to_yield = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value

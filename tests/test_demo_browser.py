@@ -1,0 +1,309 @@
+"""The call demo in headless Chromium: real pages, fake camera and microphone, real WebRTC.
+
+The demo server (``python -m examples.call.server``) runs as a child process so a test can
+SIGKILL it and start it again on the same port. Each participant is its own browser context
+(its own storage, like another person's browser), with camera and microphone granted. Proof of
+a call, as notes/webrtc.md has it: ``RTCPeerConnection.connectionState == "connected"`` on
+both sides and ``getStats()`` inbound-rtp video ``bytesReceived`` growing.
+
+The two-person test keeps a screenshot; ``TETHER_DEMO_SCREENSHOT=1`` writes it to
+``docs/demo.png`` (the README's), otherwise it stays in the test's temporary directory so that
+test runs do not touch the working tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import struct
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from conftest import TIMEOUT_SCALE
+from playwright.async_api import Browser, Page, async_playwright
+
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+MEDIA_ARGS = [
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+]
+VIEWPORT = {"width": 1280, "height": 720}
+ROOM = "demo-call-0001"
+
+
+def ms(seconds: float) -> int:
+    """A Playwright timeout in ms, scaled by TETHER_TEST_TIMEOUT_SCALE."""
+    return int(seconds * 1000 * TIMEOUT_SCALE)
+
+
+class DemoServer:
+    """``python -m examples.call.server`` as a child process: start, SIGKILL, start again."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        """Start on the last port (a free one the first time); return once it listens."""
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "examples.call.server", "--port", str(self.port),
+            cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(20 * TIMEOUT_SCALE):
+            line = (await self.proc.stdout.readline()).decode()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        if found is None:
+            raise RuntimeError(f"the demo did not start: {line!r}")
+        self.port = int(found.group(1))
+
+    async def kill(self) -> None:
+        """SIGKILL: every socket dies with the process, no close frames."""
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+
+    async def aclose(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(10 * TIMEOUT_SCALE):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[DemoServer]:
+    demo = DemoServer()
+    await demo.start()
+    yield demo
+    await demo.aclose()
+
+
+@asynccontextmanager
+async def chromium() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + MEDIA_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+async def join(browser: Browser, server: DemoServer, name: str, room: str = ROOM) -> Page:
+    """A new participant (a context of its own) named ``name`` opening the call's link."""
+    context = await browser.new_context(viewport=VIEWPORT)
+    await context.grant_permissions(["camera", "microphone"], origin=server.base)
+    await context.add_init_script(f"localStorage.setItem('tether-call.name', {name!r})")
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.errors = errors  # type: ignore[attr-defined]
+    await page.goto(f"{server.base}/call?room={room}")
+    return page
+
+
+async def in_call(page: Page, names: list[str]) -> None:
+    """Wait until ``page`` lists exactly ``names`` (itself included) and every peer is connected."""
+    await page.wait_for_function(
+        """(names) => {
+            const s = call.summary();
+            return s.myId !== null
+              && JSON.stringify(s.roster.map((m) => m.name).sort()) === JSON.stringify([...names].sort())
+              && s.peers.length === names.length - 1
+              && s.peers.every((p) => p.state === "connected");
+        }""",
+        arg=names,
+        timeout=ms(30),
+    )
+
+
+VIDEO_GROWS = """async (deadline_ms) => {
+    const peers = [...call.peers.values()];
+    const bytes = () => Promise.all(peers.map((peer) => peer.videoBytesReceived()));
+    const first = await bytes();
+    const deadline = performance.now() + deadline_ms;
+    while (performance.now() < deadline) {                     // bounded: until the deadline
+        await new Promise((resolve) => setTimeout(resolve, 100));
+        const now = await bytes();
+        if (now.every((b, i) => b > first[i])) return { first, now };
+    }
+    throw new Error(`inbound video bytes did not grow: ${JSON.stringify(first)} -> ${JSON.stringify(await bytes())}`);
+}"""
+
+
+async def video_grows(page: Page) -> None:
+    """Inbound video bytes grow on every peer connection of ``page``."""
+    result = await page.evaluate(VIDEO_GROWS, ms(15))
+    assert len(result["now"]) == len(await page.evaluate("[...call.peers.keys()]"))
+
+
+async def say(page: Page, text: str) -> None:
+    await page.fill("#chat-text", text)
+    await page.press("#chat-text", "Enter")
+
+
+async def hears(page: Page, text: str) -> None:
+    await page.wait_for_function(
+        "(text) => [...document.querySelectorAll('#chat-lines li:not(.unsent) .text')].some((e) => e.textContent === text)",
+        arg=text,
+        timeout=ms(10),
+    )
+
+
+async def sees(page: Page, name: str, **state: bool) -> None:
+    """``page``'s people list shows ``name`` with the mic/cam ``state`` given."""
+    await page.wait_for_function(
+        """([name, state]) => [...document.querySelectorAll('#people li')].some((li) =>
+            li.querySelector('.name').textContent === name
+            && Object.entries(state).every(([k, v]) => li.dataset[k] === String(v)))""",
+        arg=[name, state],
+        timeout=ms(10),
+    )
+
+
+async def indicator(page: Page, state: str) -> str:
+    await page.wait_for_function("(state) => document.getElementById('conn').dataset.state === state", arg=state, timeout=ms(20))
+    return await page.text_content("#conn .label") or ""
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.mark.slow
+async def test_two_browsers_call_chat_and_recover_when_the_server_restarts(server, tmp_path):
+    async with chromium() as browser:
+        ada = await join(browser, server, "Ada Lovelace")
+        grace = await join(browser, server, "Grace Hopper")
+        for page in (ada, grace):
+            await in_call(page, ["Ada Lovelace", "Grace Hopper"])
+        for page in (ada, grace):
+            await video_grows(page)
+        await sees(ada, "Grace Hopper", mic=True, cam=True)
+        await sees(grace, "Ada Lovelace", mic=True, cam=True)
+
+        await grace.click("#mic")  # live presence state: Ada sees Grace muted
+        await sees(ada, "Grace Hopper", mic=False, cam=True)
+        await say(ada, "Hi Grace! Can you see me?")
+        await hears(grace, "Hi Grace! Can you see me?")
+        await say(grace, "Loud and clear, Ada.")
+        await hears(ada, "Loud and clear, Ada.")
+
+        # The README's screenshot: Ada's view, Grace's video playing.
+        await ada.wait_for_function(
+            "[...document.querySelectorAll('.tile video')].every((v) => v.videoWidth > 0 && v.readyState >= 2)", timeout=ms(10)
+        )
+        shot = tmp_path / "demo.png"
+        await ada.screenshot(path=str(shot))
+        assert png_size(shot) == (VIEWPORT["width"], VIEWPORT["height"])
+        if os.environ.get("TETHER_DEMO_SCREENSHOT"):
+            shutil.copyfile(shot, ROOT / "docs" / "demo.png")
+
+        before = {page: await page.evaluate("call.myId") for page in (ada, grace)}
+        await server.kill()
+        for page in (ada, grace):
+            assert (await indicator(page, "reconnecting")).startswith("Reconnecting")
+        await server.start()  # the same port
+        for page in (ada, grace):
+            assert await indicator(page, "connected") == "Connected"
+
+        # Presence heals: new member ids, the same people, Grace still muted.
+        for page in (ada, grace):
+            await in_call(page, ["Ada Lovelace", "Grace Hopper"])
+            assert await page.evaluate("call.myId") != before[page]
+        await sees(ada, "Grace Hopper", mic=False, cam=True)
+        await sees(grace, "Ada Lovelace", mic=True, cam=True)
+        for page in (ada, grace):  # signalling recovered: new peer connections carry video
+            await video_grows(page)
+        await say(grace, "Still here after the restart.")
+        await hears(ada, "Still here after the restart.")
+
+        for page in (ada, grace):
+            states = [entry["state"] for entry in await page.evaluate("call.connectionLog")]
+            assert states == ["connecting", "connected", "reconnecting", "connected"], states
+            assert page.errors == []
+
+
+async def test_offers_crossing_on_both_sides_still_connect(server):
+    """Glare: both sides make an offer at the same moment; the polite one rolls back."""
+    async with chromium() as browser:
+        pages = [await join(browser, server, name) for name in ("Polly Polite", "Ivan Impolite")]
+        for page in pages:
+            await in_call(page, ["Polly Polite", "Ivan Impolite"])
+        peer = "[...call.peers.values()][0]"
+        before = [await page.evaluate(f"({{...{peer}.stats}})") for page in pages]
+
+        # Hold back incoming signals on both pages, make both offer (an ICE restart), and only
+        # once both sit in have-local-offer let the offers cross.
+        for page in pages:
+            await page.evaluate("call.hold()")
+        for page in pages:
+            await page.evaluate(f"{peer}.restartIce()")
+        for page in pages:
+            await page.wait_for_function(f"{peer}.pc.signalingState === 'have-local-offer'", timeout=ms(10))
+        await asyncio.gather(*(page.evaluate("call.release()") for page in pages))
+
+        for page in pages:
+            await page.wait_for_function(
+                f"{peer}.pc.signalingState === 'stable' && {peer}.state === 'connected'", timeout=ms(20)
+            )
+            await video_grows(page)
+        after = [await page.evaluate(f"({{...{peer}.stats}})") for page in pages]
+        polite = [await page.evaluate(f"{peer}.polite") for page in pages]
+        assert sorted(polite) == [False, True]  # the server's seats gave one role to each
+        for was, now, is_polite in zip(before, after, polite, strict=True):
+            assert now["collisions"] > was["collisions"]
+            if is_polite:
+                assert now["rollbacks"] > was["rollbacks"] and now["ignoredOffers"] == was["ignoredOffers"]
+            else:
+                assert now["ignoredOffers"] > was["ignoredOffers"] and now["rollbacks"] == was["rollbacks"]
+        for page in pages:
+            assert page.errors == []
+
+
+@pytest.mark.slow
+async def test_third_person_joins_every_pair_connects_then_one_leaves(server):
+    names = ["Ada Lovelace", "Grace Hopper", "Alan Turing"]
+    async with chromium() as browser:
+        ada, grace = [await join(browser, server, name) for name in names[:2]]
+        for page in (ada, grace):
+            await in_call(page, names[:2])
+        alan = await join(browser, server, names[2])
+        for page in (ada, grace, alan):
+            await in_call(page, names)
+        for page in (ada, grace, alan):
+            await video_grows(page)
+        for page in (ada, grace):
+            await sees(page, "Alan Turing", mic=True, cam=True)
+
+        await alan.click("#leave")
+        await alan.wait_for_selector("#ended:not([hidden])", timeout=ms(10))
+        assert await alan.text_content("#ended-title") == "You left the call."
+        # The others see it at once (well within the presence timeout) and drop the peer.
+        for page in (ada, grace):
+            await in_call(page, names[:2])
+            assert await page.locator("#people li").count() == 2
+            assert await page.locator(".tile").count() == 2
+        for page in (ada, grace, alan):
+            assert page.errors == []
