@@ -1,5 +1,6 @@
-"""Typed apps (``tether.App``) end to end, on both transports: tether's own picows server and
-Starlette under uvicorn through ``app.asgi()``. The client is ``tether.connect`` in both cases."""
+"""Typed apps (``tether.App``) end to end, on the three transports: tether's own picows server,
+Starlette under uvicorn through ``app.asgi()``, and the memory transport of ``tether.testing``
+(tests/transports.py). The client is a raw ``tether.Conn`` on each."""
 
 from __future__ import annotations
 
@@ -7,58 +8,18 @@ import asyncio
 import dataclasses
 import json
 import logging
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
 from typing import Any, TypedDict
 
 import msgspec
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
 
 import tether
 from conftest import timeout
 from tether.app import RESERVED_TYPES
-
-Start = Callable[[tether.App], Awaitable[str]]
-
-
-# -- the two transports ------------------------------------------------------------------
+from transports import Served, Start, start, start_uvicorn  # noqa: F401  (fixture; test_asgi imports start_uvicorn)
 
 
-async def start_uvicorn(stack: AsyncExitStack, asgi_app: Any, ws: str = "auto") -> int:
-    """Serve ``asgi_app`` with uvicorn on a socket we bound to 127.0.0.1:0; return its port.
-
-    ``ws`` picks uvicorn's WebSocket implementation."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    stack.callback(sock.close)
-    config = uvicorn.Config(asgi_app, lifespan="off", log_level="warning", ws=ws)
-    config.load()
-    server = uvicorn.Server(config)
-    server.lifespan = config.lifespan_class(config)
-    await server.startup(sockets=[sock])  # returns once listening: no polling
-    assert server.started
-    stack.push_async_callback(server.shutdown, [sock])
-    return int(sock.getsockname()[1])
-
-
-@pytest.fixture(params=["picows", "asgi"])
-async def start(request: pytest.FixtureRequest) -> AsyncIterator[Start]:
-    """``url = await start(app)``: serve ``app`` at ``/app`` on the parametrized transport."""
-    async with AsyncExitStack() as stack:
-
-        async def start(app: tether.App) -> str:
-            if request.param == "picows":
-                server = await tether.serve({"/app": app}, "127.0.0.1", 0)
-                stack.push_async_callback(server.close)
-                return f"ws://127.0.0.1:{server.port}/app"
-            port = await start_uvicorn(stack, Starlette(routes=[WebSocketRoute("/app", app.asgi())]))
-            return f"ws://127.0.0.1:{port}/app"
-
-        yield start
+# -- the three transports: tests/transports.py ------------------------------------------
 
 
 class Peer:
@@ -86,10 +47,10 @@ class Peer:
 
 
 class connected:
-    """``async with connected(url) as peer``: open, check the welcome, close at the end."""
+    """``async with connected(served) as peer``: open, check the welcome, close at the end."""
 
-    def __init__(self, url: str, **kwargs: Any) -> None:
-        self._connect = tether.connect(url, **kwargs)
+    def __init__(self, served: Served, target: str = "/app", **kwargs: Any) -> None:
+        self._connect = served.connect(target, **kwargs)
 
     async def __aenter__(self) -> Peer:
         async with timeout(5):
@@ -184,8 +145,8 @@ def make_app() -> tether.App:
 
 
 async def test_server_sends_welcome_first(start: Start) -> None:
-    url = await start(make_app())
-    async with timeout(5), tether.connect(url) as conn:
+    served = await start(make_app())
+    async with timeout(5), served.connect() as conn:
         first = json.loads(await conn.receive())
     assert first["type"] == "welcome" and set(first["data"]["heartbeat"]) == {"interval", "timeout"}
 
@@ -346,12 +307,12 @@ async def test_server_on_connect_rejects_with_close_code(start: Start) -> None:
         if conn.headers.get("authorization") != "Bearer good":
             raise tether.CloseConnection(4001, "unauthorized")
 
-    url = await start(app)
-    async with timeout(5), tether.connect(url) as conn:
+    served = await start(app)
+    async with timeout(5), served.connect() as conn:
         with pytest.raises(tether.ConnectionClosed) as caught:
             await conn.receive()
     assert caught.value.code == 4001 and conn.close_code == 4001
-    async with connected(url, headers={"Authorization": "Bearer good"}) as peer:
+    async with connected(served, headers={"Authorization": "Bearer good"}) as peer:
         assert (await peer.request("add", {"a": 1, "b": 1}))["data"] == 2
 
 
@@ -368,8 +329,8 @@ async def test_server_on_connect_assigns_reach_handlers(start: Start) -> None:
     def whoami(conn: tether.Conn) -> dict[str, Any]:
         return {"user": conn.assigns["user"], "room": conn.assigns["room"], "path": conn.path}
 
-    url = await start(app)
-    async with connected(url + "?room=lobby", headers={"x-user": "ada"}) as peer:
+    served = await start(app)
+    async with connected(served, "/app?room=lobby", headers={"x-user": "ada"}) as peer:
         reply = await peer.request("whoami")
     assert reply["data"] == {"user": "ada", "room": "lobby", "path": "/app"}
 

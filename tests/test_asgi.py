@@ -18,7 +18,7 @@ from conftest import echo, timeout
 from tether.asgi import ASGIApp, ASGIWire, asgi
 from tether.conn import Conn, ConnSettings, make_request
 from tether.proto.frames import OP_BINARY, OP_TEXT
-from test_app import start_uvicorn
+from transports import start_uvicorn
 
 
 @pytest.fixture

@@ -220,6 +220,15 @@ class Rooms(Protocol):
     async def leave(self, conn: Conn, room: str) -> None: ...
 
 
+class _Rejected:
+    """A message the rate limiter rejected, waiting in the inbox for its turn."""
+
+    __slots__ = ("message", "exhausted")
+
+    def __init__(self, message: Message, exhausted: bool) -> None:
+        self.message, self.exhausted = message, exhausted
+
+
 class Conn:
     """A WebSocket connection.
 
@@ -297,7 +306,7 @@ class Conn:
         #: Heartbeat settings ``(interval, timeout)`` in seconds, announced to typed clients.
         self.keepalive: tuple[float | None, float | None] = (settings.ping_interval, settings.ping_timeout)
         # A list, not a deque: it holds at most max_queue items and an empty deque costs 13x more.
-        self._inbox: list[Message] = []
+        self._inbox: list[Message | _Rejected] = []
         self._max_queue = settings.max_queue
         self._held = False  # messages queue for the consumer until release()
         self._receiver: asyncio.Future[None] | None = None
@@ -357,10 +366,12 @@ class Conn:
             finally:
                 self._receiver = None
         message = self._take()
+        if isinstance(message, _Rejected):  # queued for a consumer that has gone
+            return await self.receive()
         assert message is not None
         return message
 
-    def _take(self) -> Message | None:
+    def _take(self) -> Message | _Rejected | None:
         """Pop the oldest queued message; resume reading once the queue is half empty."""
         if not self._inbox:
             return None
@@ -404,7 +415,9 @@ class Conn:
             message = self._take()
             if message is None:
                 return
-            if consumer.message(message) is False:
+            if isinstance(message, _Rejected):
+                self._reject(message)
+            elif consumer.message(message) is False:
                 self._inbox.insert(0, message)
                 self._held = True
 
@@ -563,8 +576,14 @@ class Conn:
         if limiter is not None and not limiter.allow(_now()):
             self._rate_limited(message)
             return
+        self._queue_or_consume(message)
+
+    def _queue_or_consume(self, message: Message | _Rejected) -> None:
         consumer = self.consumer
         if consumer is not None and not self._held and not self._write_paused:
+            if isinstance(message, _Rejected):
+                self._reject(message)
+                return
             if consumer.message(message) is not False:
                 return
             self._held = True
@@ -578,13 +597,20 @@ class Conn:
             self._update_reading()
 
     def _rate_limited(self, message: Message) -> None:
-        """A message over the rate limit: the consumer answers it, until the limiter gives
-        up on the peer (or at once without a consumer): close with 1008 (see proto/limits.py)."""
+        """A message over the rate limit (see proto/limits.py). Without a consumer: close
+        with 1008 at once. With one, in its turn after the messages queued before it: the
+        consumer answers it, until the limiter gives up on the peer: then close with 1008."""
         assert self.limiter is not None
-        if self.consumer is not None and not self.limiter.exhausted:
-            self.consumer.rate_limited(message)
-        else:
+        if self.consumer is None:
             self.start_close(1008, "rate limit exceeded")
+        else:
+            self._queue_or_consume(_Rejected(message, self.limiter.exhausted))
+
+    def _reject(self, rejected: _Rejected) -> None:
+        if rejected.exhausted or self.consumer is None:
+            self.start_close(1008, "rate limit exceeded")
+        else:
+            self.consumer.rate_limited(rejected.message)
 
     def on_close_frame(self, code: int, reason: str) -> None:
         """The peer sent a close frame (RFC 6455 section 5.5.1)."""
