@@ -205,3 +205,37 @@ async def test_memory_wire_applies_backpressure_to_a_fast_writer() -> None:
         received = [await client.receive_raw() for _ in range(total)]
         assert finished.is_set()
     assert [str(m)[:4] for m in received] == [f"{i:04d}" for i in range(total)]
+
+
+def bearer(request: tether.Request) -> tether.Identity | None:
+    return tether.Identity("ada") if tether.auth.token(request) == "good" else None
+
+
+async def test_testing_applies_the_auth_hook_like_the_server() -> None:
+    app = make_app()
+
+    @app.on("subject")
+    def subject(conn: tether.Conn) -> str:
+        return str(conn.identity.subject)
+
+    with pytest.raises(tether.InvalidHandshake) as refused:
+        async with timeout(5), tether.testing.connect(app, auth=bearer):
+            pytest.fail("connected")
+    assert refused.value.status == 401
+    async with timeout(5), tether.testing.connect(app, auth=bearer, headers={"Authorization": "Bearer good"}) as client:
+        assert await client.request("subject") == "ada"
+
+
+async def test_testing_a_server_uses_its_routes_policy_and_hub() -> None:
+    app = make_app()
+    server = tether.Server({"/ws": app}, auth=bearer, allowed_origins=["https://app.example"])
+    good = {"Authorization": "Bearer good"}
+    for path, headers, status in [("/nope", good, 404), ("/ws", {}, 401), ("/ws", {**good, "Origin": "https://evil.example"}, 403)]:
+        with pytest.raises(tether.InvalidHandshake) as refused:
+            async with timeout(5), tether.testing.connect(server, path, headers=headers):
+                pytest.fail("connected")
+        assert refused.value.status == status
+    async with timeout(5), tether.testing.connect(server, "/ws?user=ada", headers={**good, "Origin": "https://app.example"}) as client:
+        assert (await client.request("whoami"))["user"] == "ada"
+        assert client.server_conn.hub is server.hub and client.server_conn in server.connections
+    assert server.connections == set()
