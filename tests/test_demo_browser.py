@@ -27,8 +27,10 @@ from pathlib import Path
 import pytest
 from conftest import TIMEOUT_SCALE
 from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 
 from tests.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.idle_proxy import IdleProxy
 
 pytestmark = pytest.mark.browser
 
@@ -108,21 +110,33 @@ async def chromium() -> AsyncIterator[Browser]:
             await browser.close()
 
 
-async def join(browser: Browser, server: DemoServer, name: str, room: str = ROOM) -> Page:
-    """A new participant (a context of its own) named ``name`` opening the call's link."""
+async def join(browser: Browser, server: DemoServer, name: str, *, base: str | None = None) -> Page:
+    """A new participant (a context of its own) named ``name`` opening the call's link
+    (on the server, or at ``base``: a proxy in front of it)."""
+    base = base or server.base
     context = await browser.new_context(viewport=VIEWPORT)
-    await context.grant_permissions(["camera", "microphone"], origin=server.base)
+    await context.grant_permissions(["camera", "microphone"], origin=base)
     await context.add_init_script(f"localStorage.setItem('tether-call.name', {name!r})")
     page = await context.new_page()
     errors: list[str] = []
+    console: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.errors = errors  # type: ignore[attr-defined]
-    await page.goto(f"{server.base}/call?room={room}")
+    page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+    page.errors, page.console = errors, console  # type: ignore[attr-defined]
+    await page.goto(f"{base}/call?room={ROOM}")
     return page
 
 
 async def in_call(page: Page, names: list[str]) -> None:
     """Wait until ``page`` lists exactly ``names`` (itself included) and every peer is connected."""
+    try:
+        await _in_call(page, names)
+    except PlaywrightTimeoutError:
+        summary = await page.evaluate("JSON.stringify(call.summary(), null, 1)")
+        pytest.fail(f"not in a call with {names}: {summary}\nconsole: {page.console}")  # type: ignore[attr-defined]
+
+
+async def _in_call(page: Page, names: list[str]) -> None:
     await page.wait_for_function(
         """(names) => {
             const s = call.summary();
@@ -191,7 +205,6 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
-@pytest.mark.slow
 async def test_two_browsers_call_chat_and_recover_when_the_server_restarts(server, tmp_path):
     async with chromium() as browser:
         ada = await join(browser, server, "Ada Lovelace")
@@ -214,6 +227,7 @@ async def test_two_browsers_call_chat_and_recover_when_the_server_restarts(serve
         await ada.wait_for_function(
             "[...document.querySelectorAll('.tile video')].every((v) => v.videoWidth > 0 && v.readyState >= 2)", timeout=ms(10)
         )
+        await ada.evaluate("document.activeElement?.blur()")
         shot = tmp_path / "demo.png"
         await ada.screenshot(path=str(shot))
         assert png_size(shot) == (VIEWPORT["width"], VIEWPORT["height"])
@@ -282,14 +296,16 @@ async def test_offers_crossing_on_both_sides_still_connect(server):
             assert page.errors == []
 
 
-@pytest.mark.slow
 async def test_third_person_joins_every_pair_connects_then_one_leaves(server):
     names = ["Ada Lovelace", "Grace Hopper", "Alan Turing"]
     async with chromium() as browser:
         ada, grace = [await join(browser, server, name) for name in names[:2]]
         for page in (ada, grace):
             await in_call(page, names[:2])
+        await say(ada, "Alan should be here any minute.")
+        await hears(grace, "Alan should be here any minute.")
         alan = await join(browser, server, names[2])
+        await hears(alan, "Alan should be here any minute.")  # history for a late joiner
         for page in (ada, grace, alan):
             await in_call(page, names)
         for page in (ada, grace, alan):
@@ -306,4 +322,35 @@ async def test_third_person_joins_every_pair_connects_then_one_leaves(server):
             assert await page.locator("#people li").count() == 2
             assert await page.locator(".tile").count() == 2
         for page in (ada, grace, alan):
+            assert page.errors == []
+
+
+async def test_one_cut_socket_reconnects_and_the_other_side_heals_while_the_server_stays_up(server):
+    """Grace's socket (through a TCP proxy) is cut; the server sees her leave and rejoin."""
+    async with IdleProxy(server.port, idle_timeout=None) as proxy, chromium() as browser:
+        ada = await join(browser, server, "Ada Lovelace")
+        grace = await join(browser, server, "Grace Hopper", base=f"http://127.0.0.1:{proxy.port}")
+        for page in (ada, grace):
+            await in_call(page, ["Ada Lovelace", "Grace Hopper"])
+        await grace.click("#cam")
+        await sees(ada, "Grace Hopper", mic=True, cam=False)
+        old_id = await grace.evaluate("call.myId")
+
+        for pipe in list(proxy.pipes):  # both directions, no close frame: like a dropped network
+            pipe.close()
+        await grace.wait_for_function("(old) => call.myId !== null && call.myId !== old", arg=old_id, timeout=ms(20))
+        for page in (ada, grace):
+            await in_call(page, ["Ada Lovelace", "Grace Hopper"])
+            await video_grows(page)
+        roster = await ada.evaluate("call.summary().roster.map((m) => m.id)")
+        assert old_id not in roster and len(roster) == 2  # her old member id left, no ghost
+        await sees(ada, "Grace Hopper", mic=True, cam=False)  # her state came back with her
+        assert await ada.locator(".tile.remote.no-video").count() == 1
+        await say(ada, "Welcome back, Grace.")
+        await hears(grace, "Welcome back, Grace.")
+
+        grace_log = [e["state"] for e in await grace.evaluate("call.connectionLog")]
+        assert grace_log == ["connecting", "connected", "reconnecting", "connected"], grace_log
+        assert [e["state"] for e in await ada.evaluate("call.connectionLog")] == ["connecting", "connected"]
+        for page in (ada, grace):
             assert page.errors == []

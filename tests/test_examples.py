@@ -86,14 +86,27 @@ async def test_chat_say_reaches_every_member(demo):
     assert said["data"] == {"name": "alice", "text": "hi bob"}
 
 
+@pytest.fixture(params=["examples.hello at /", "make demo at /hello"])
+async def hello_page(request, tmp_path):
+    """The tutorial's page: on its own server at ``/``, and in the call demo at ``/hello``."""
+    if request.param == "examples.hello at /":
+        async with tether.serve(ROUTES, "127.0.0.1", 0, static_dir=STATIC) as server:
+            yield f"http://127.0.0.1:{server.port}/"
+    else:
+        from examples.call.server import build_site, make_routes
+
+        async with tether.serve(make_routes(), "127.0.0.1", 0, static_dir=build_site(tmp_path / "site")) as server:
+            yield f"http://127.0.0.1:{server.port}/hello"
+
+
 @pytest.mark.browser
-async def test_hello_page_in_chromium_runs_the_tutorial_conversation(demo, caplog):
+async def test_hello_page_in_chromium_runs_the_tutorial_conversation(hello_page, caplog):
     caplog.set_level(logging.INFO, logger="hello")
     async with chromium() as browser:
         page = await browser.new_page()
         console: list[str] = []
         page.on("console", lambda msg: console.append(msg.text))
-        await page.goto(f"http://127.0.0.1:{demo.port}/")
+        await page.goto(hello_page)
         await page.wait_for_function(
             "document.getElementById('plain').textContent.includes('Thanks for the message!')", timeout=10_000
         )

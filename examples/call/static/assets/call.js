@@ -320,8 +320,9 @@ function renderGrid() {
 
 function layout() {
   const grid = $("grid");
-  const { tile } = bestGrid(Number(grid.dataset.count), grid.clientWidth, grid.clientHeight);
+  const { tile, tileHeight } = bestGrid(Number(grid.dataset.count), grid.clientWidth, grid.clientHeight);
   grid.style.setProperty("--tile", `${Math.max(tile, 120)}px`);
+  grid.style.setProperty("--tile-height", `${Math.max(tileHeight, 68)}px`);
 }
 
 function peerLabel(peer) {
@@ -353,7 +354,9 @@ function attach(video, stream, local) {
 }
 
 function renderPeople() {
-  const entries = call.roster.size > 0 && call.selfId !== null ? call.roster.entries() : [["me", { ...me, seat: 0 }]];
+  const entries = call.roster.size > 0 && call.selfId !== null
+    ? [...call.roster.entries()].sort(([a], [b]) => (b === call.selfId) - (a === call.selfId)) // you first
+    : [["me", { ...me, seat: 0 }]];
   $("people-count").textContent = String(entries.length);
   keyed($("people"), entries, (id) => newPerson(id), (item, [id, meta]) => {
     const mine = id === call.selfId || id === "me";

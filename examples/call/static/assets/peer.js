@@ -4,11 +4,15 @@
 // ignores the other's. The server assigns the roles (roster.js isPolite) and relays what
 // `send` sends to the other side only.
 
+const STUCK_MS = 5000;
+
 export class Peer {
   #send;
   #queue = Promise.resolve(); // incoming signals, handled one at a time, in order
   #makingOffer = false;
   #ignoreOffer = false;
+  #unsent = undefined; // the polite side's stream, until its first answer carries it
+  #watchdog = null;
 
   /**
    * @param {object} options
@@ -27,7 +31,12 @@ export class Peer {
     this.stats = { offers: 0, answers: 0, collisions: 0, ignoredOffers: 0, rollbacks: 0, iceRestarts: 0 };
     this.#send = send;
     const pc = (this.pc = new RTCPeerConnection({ iceServers }));
-    for (const track of stream?.getTracks() ?? []) pc.addTrack(track, stream);
+    // Who offers first: the impolite side. The polite one puts its tracks into its first
+    // answer instead of an offer of its own, so a new pair does not start with glare (which
+    // the pattern survives, but Chromium may then never gather candidates for the answer if
+    // the offer it rolled back was still gathering). Glare on later negotiations is handled.
+    if (polite) this.#unsent = stream;
+    else this.#attach(stream);
     pc.ontrack = ({ track, streams }) => {
       if (streams[0]) this.remote = streams[0]; // the other side's stream, as it added it
       else this.remote.addTrack(track);
@@ -42,6 +51,7 @@ export class Peer {
       if (pc.iceConnectionState === "failed") this.restartIce();
     };
     pc.onconnectionstatechange = () => onChange(this);
+    pc.onsignalingstatechange = () => this.#watch();
   }
 
   /** "new" | "connecting" | "connected" | "disconnected" | "failed" | "closed". */
@@ -71,8 +81,19 @@ export class Peer {
   }
 
   close() {
+    clearTimeout(this.#watchdog);
     this.pc.close();
     for (const track of this.remote.getTracks()) track.stop();
+  }
+
+  /** A negotiation that ended with ICE still "new" has no candidate pairs at all (candidates
+   * lost with a dropped socket, or never gathered): the impolite side starts ICE over. */
+  #watch() {
+    clearTimeout(this.#watchdog);
+    if (this.polite || this.pc.signalingState !== "stable" || !this.pc.remoteDescription) return;
+    this.#watchdog = setTimeout(() => {
+      if (this.pc.signalingState === "stable" && this.pc.iceConnectionState === "new") this.restartIce();
+    }, STUCK_MS);
   }
 
   async #offer() {
@@ -99,6 +120,8 @@ export class Peer {
       if (collision) this.stats.rollbacks += 1; // setRemoteDescription rolls ours back
       await this.pc.setRemoteDescription(description);
       if (description.type === "offer") {
+        if (this.#unsent !== undefined) this.#attach(this.#unsent); // reuses the offer's transceivers
+        this.#unsent = undefined;
         await this.pc.setLocalDescription();
         this.#sendDescription();
       }
@@ -107,6 +130,18 @@ export class Peer {
         await this.pc.addIceCandidate(candidate);
       } catch (error) {
         if (!this.#ignoreOffer) throw error; // candidates of an offer we ignored are expected to fail
+      }
+    }
+  }
+
+  /** Send our tracks; receive audio and video either way (so that someone without a camera
+   * or microphone still makes an offer, and still sees and hears the others). */
+  #attach(stream) {
+    for (const kind of ["audio", "video"]) {
+      const track = stream?.getTracks().find((t) => t.kind === kind);
+      if (track) this.pc.addTrack(track, stream);
+      else if (!this.pc.getTransceivers().some((t) => t.receiver.track.kind === kind)) {
+        this.pc.addTransceiver(kind, { direction: "recvonly" });
       }
     }
   }
