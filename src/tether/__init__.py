@@ -12,6 +12,7 @@ from .conn import Conn, ConnState, Overflow, Request, SendStats
 from .errors import (
     ClientClosed,
     CloseConnection,
+    ConcurrencyError,
     ConnectionClosed,
     ConnectionClosedError,
     ConnectionClosedOK,
@@ -65,6 +66,7 @@ __all__ = [
     "ConnectionClosedOK",
     "ConnectionClosedError",
     "KeepaliveTimeout",
+    "ConcurrencyError",
     "InvalidHandshake",
     "DecodeError",
     "ReplyError",

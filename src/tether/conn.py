@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from . import wheel
-from .errors import KEEPALIVE_REASON, ConnectionClosed, ConnectionClosedOK, closed_error
+from .errors import KEEPALIVE_REASON, ConcurrencyError, ConnectionClosed, ConnectionClosedOK, closed_error
 from .proto.envelope import encode_message
 from .proto.frames import OP_BINARY, OP_TEXT
 from .proto.keepalive import Pinger, heartbeat_due
@@ -355,8 +355,11 @@ class Conn:
         """Wait for the next whole message.
 
         Raises :class:`ConnectionClosed` (``ConnectionClosedOK`` after a normal close)
-        once the connection is closed and every message received before has been read.
+        once the connection is closed and every message received before has been read, and
+        :class:`tether.ConcurrencyError` if another task is already waiting in ``receive``.
         """
+        if self._receiver is not None:
+            raise ConcurrencyError("another task is already waiting in receive() on this connection")
         while not self._inbox:
             if self.state is ConnState.CLOSED:
                 raise self.closed_error()
@@ -543,12 +546,14 @@ class Conn:
         self.state = ConnState.CLOSING
         self.close_code, self.close_reason = code, reason
         loop = asyncio.get_running_loop()
-        self._close_timer = loop.call_later(self._close_timeout, self._transport.disconnect)
+        # Bounds the handshake and the graceful end of TCP: a peer that neither answers nor
+        # reads (its window closed) would otherwise keep the socket for ever.
+        self._close_timer = loop.call_later(self._close_timeout, self._transport.abort)
 
     def drop(self) -> None:
-        """End the TCP connection now, without waiting for the closing handshake."""
+        """End the TCP connection now, discarding what is not written yet."""
         if self.state is not ConnState.CLOSED:
-            self._transport.disconnect()
+            self._transport.abort()
 
     def closed_error(self) -> ConnectionClosed:
         """The :class:`ConnectionClosed` that ``send``/``receive`` raise now."""

@@ -7,6 +7,7 @@
     │   ├── ConnectionClosedOK        ... with 1000, 1001 or 1005: a normal end
     │   └── ConnectionClosedError     ... any other way (protocol error, 1006, ...)
     │       └── KeepaliveTimeout          the peer stopped answering pings
+    ├── ConcurrencyError          two tasks called ``receive()`` on one connection at once
     ├── InvalidHandshake          the client's upgrade was refused (status)
     ├── DecodeError               a message is not valid for the expected type (path)
     ├── ReplyError                raised by an app handler: becomes an ``error`` reply
@@ -29,6 +30,7 @@ __all__ = [
     "ConnectionClosedOK",
     "ConnectionClosedError",
     "KeepaliveTimeout",
+    "ConcurrencyError",
     "InvalidHandshake",
     "DecodeError",
     "ReplyError",
@@ -69,6 +71,14 @@ class ConnectionClosedError(ConnectionClosed):
 
 class KeepaliveTimeout(ConnectionClosedError):
     """The peer did not answer a ping in time; the connection was closed with 1011."""
+
+
+class ConcurrencyError(TetherError):
+    """A second task called ``receive()`` while another was waiting on the same connection.
+
+    Messages go to one reader; a second one would get an arbitrary share of them. Read from
+    one task and hand messages on (websockets raises the same).
+    """
 
 
 class InvalidHandshake(TetherError):

@@ -209,8 +209,8 @@ class Dispatcher:
             self._write(encode_error(id, exc.code, exc.message))
         elif isinstance(exc, CloseConnection):
             self.conn.start_close(exc.code, exc.reason)
-        elif isinstance(exc, ConnectionClosed):
-            pass
+        elif isinstance(exc, ConnectionClosed) and self.conn.state is not ConnState.OPEN:
+            pass  # our own connection closed under the handler: nobody to answer
         elif isinstance(exc, Exception):
             logger.error("handler failed on %s", self.conn.path, exc_info=exc)
             self._write(encode_error(id, INTERNAL, "internal error"))

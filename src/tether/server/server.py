@@ -42,6 +42,8 @@ logger = logging.getLogger("tether")
 
 Routes = Mapping[str, Handler]
 
+_GRACE = 0.25  # seconds for aborted connections' handlers to end, then for cancelled ones
+
 
 class Server:
     """A running tether server. Use :func:`serve` to make one."""
@@ -120,16 +122,20 @@ class Server:
         await self._server.serve_forever()
 
     async def close(self, code: int = 1001, reason: str | None = None) -> None:
-        """Shut down gracefully, within ``shutdown_timeout`` seconds.
+        """Shut down gracefully, within ``shutdown_timeout`` seconds (and one more at most).
 
         Stop accepting; stop reading from every connection; let handlers that are already
-        running finish their replies; then close each connection with ``code`` (1001 by
-        default) and the reason ``"going away; retry_after=<s>"``, where ``s`` is spread
-        at random over ``shutdown_spread`` seconds so clients do not all come back at once.
+        running finish their replies (at most half the timeout); then close each connection
+        with ``code`` (1001 by default) and the reason ``"going away; retry_after=<s>"``, where
+        ``s`` is spread at random over ``shutdown_spread`` seconds so clients do not all come
+        back at once. At the deadline, connections still open are aborted (a peer that does not
+        read cannot hold the shutdown), handlers still running are cancelled, and the brokers
+        get what time is left, at least a second, to withdraw this process's presence.
         """
+        loop = asyncio.get_running_loop()
         if self._server is not None:
             self._server.close()
-        deadline = asyncio.get_running_loop().time() + self.shutdown_timeout
+        deadline = loop.time() + self.shutdown_timeout
         busy = [f for c in self.connections if c.consumer is not None for f in c.consumer.busy()]
         for conn in self.connections:
             conn.pause_reading()
@@ -139,13 +145,29 @@ class Server:
             # Starting the close reads again, for the peer's close frame (data is now ignored).
             conn.start_close(code, reason if reason is not None else _going_away(self.shutdown_spread))
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+            await asyncio.wait(self._tasks, timeout=max(0.0, deadline - loop.time()))
         for conn in list(self.connections):
-            conn.drop()  # still there after the deadline
+            conn.drop()  # still there at the deadline: abort
+        await self._cancel_handlers(grace=_GRACE)
+        for hub in self._hubs:
+            try:
+                await asyncio.wait_for(hub.close(), max(_GRACE, deadline - loop.time()))
+            except TimeoutError:
+                logger.warning("rooms hub did not close within the shutdown timeout")
         if self._server is not None:
             await self._server.wait_closed()
-        for hub in self._hubs:
-            await hub.close()
+
+    async def _cancel_handlers(self, grace: float) -> None:
+        """Let handlers of aborted connections end (their connection is lost on the next loop
+        iteration); cancel those still running after ``grace`` seconds."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(self._tasks, timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            logger.warning("cancelled %d handlers still running at the shutdown deadline", len(pending))
+            await asyncio.wait(pending, timeout=grace)
 
     async def __aenter__(self) -> Server:
         return self

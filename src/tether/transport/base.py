@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..auth import SUBPROTOCOL, TOKEN_EXPIRED, UNAUTHORIZED, Auth, subprotocols
-from ..conn import Conn, Request
+from ..conn import Conn, ConnState, Request
 from ..errors import CloseConnection, ConnectionClosed
 from ..proto.limits import RateLimit, TokenBucket
 
@@ -153,12 +153,17 @@ async def run_handler(handler: Handler, conn: Conn) -> None:
     """Run ``handler`` on ``conn`` and close it; every transport runs handlers through this.
 
     ``CloseConnection`` closes with its code, any other exception with 1011 (logged here,
-    never sent to the peer), a normal return with 1000. Returns once ``conn`` is closed.
+    never sent to the peer), a normal return with 1000. ``ConnectionClosed`` ends the handler
+    quietly only when it is this connection's own closure; raised by another connection (a
+    peer the handler relayed to has gone) it is a failure like any other. Returns once
+    ``conn`` is closed.
     """
     try:
         await handler(conn)
     except ConnectionClosed:
-        pass
+        if conn.state is ConnState.OPEN:  # not ours: the handler failed while we are open
+            logger.exception("handler for %s failed on another connection's close; closing with 1011", conn.path)
+            conn.start_close(1011, "internal error")
     except CloseConnection as exc:
         conn.start_close(exc.code, exc.reason)
     except Exception:

