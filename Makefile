@@ -7,7 +7,7 @@
 #   make autobahn-env  Autobahn wstest (Python 2.7 virtualenv) into .tools/, or kosoku as a fallback
 #   make test          everything: node tests, then the whole pytest suite including slow tests
 #   make test-fast     pytest without the slow tests
-#   make demo          examples/hello on http://127.0.0.1:8000
+#   make demo          the video-call demo (examples/call) on http://127.0.0.1:8000; tutorial at /hello
 #   make clean
 
 # Every recipe runs as ONE bash script with -eu -o pipefail (.ONESHELL): a failing line stops it,
@@ -116,8 +116,25 @@ test-js:
 # ---------------------------------------------------------------------------------------------
 # Demo
 
-demo: venv
-	$(VENV)/bin/python -m examples.hello.server
+# Only what the demo runs on: tether and uvloop in .venv (not the dev and bench extras).
+# HOST=0.0.0.0 PORT=9000 make demo serves elsewhere; ICE_SERVERS='[{"urls": "stun:..."}]' adds STUN/TURN.
+DEMO_STAMP := $(VENV)/.tether-demo-installed
+
+$(DEMO_STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "tether needs Python >= 3.11, $(PYTHON) is " + sys.version.split()[0])'
+	if [ ! -x $(VENV)/bin/pip ]; then
+	  if ! $(PYTHON) -c 'import ensurepip' 2>/dev/null; then  # Debian keeps venv's pip bootstrap apart
+	    echo "demo: $(PYTHON) cannot create a virtualenv; installing python3-venv"
+	    $(SUDO) apt-get update -q
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q python3-venv
+	  fi
+	  $(PYTHON) -m venv $(VENV)
+	fi
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -e '.[uvloop]'
+	touch $@
+
+demo: $(DEMO_STAMP)
+	$(VENV)/bin/python -m examples.call.server
 
 # ---------------------------------------------------------------------------------------------
 # Benchmarks (owned by the benchmark engineer: `make bench` goes here)
