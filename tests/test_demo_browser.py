@@ -354,3 +354,63 @@ async def test_one_cut_socket_reconnects_and_the_other_side_heals_while_the_serv
         assert [e["state"] for e in await ada.evaluate("call.connectionLog")] == ["connecting", "connected"]
         for page in (ada, grace):
             assert page.errors == []
+
+
+PURE_MODULES = """async () => {
+    const { Roster, isPolite } = await import("/assets/roster.js");
+    const { ChatLog } = await import("/assets/chat.js");
+    const { describe } = await import("/assets/status.js");
+    const { bestGrid } = await import("/assets/layout.js");
+    const { toRoomName, randomRoom, ROOM_NAME, initials } = await import("/assets/names.js");
+    const meta = (name, seat) => ({ name, mic: true, cam: true, seat });
+
+    // Diffs before the state wait for it, then apply on top, in order.
+    const roster = new Roster();
+    roster.apply({ event: "join", id: "n.3", meta: meta("C", 3) });
+    roster.apply({ event: "leave", id: "n.2", meta: null });
+    roster.apply({ event: "update", id: "n.1", meta: { ...meta("Ann", 1), mic: false } });
+    const waiting = roster.synced;
+    roster.sync([{ id: "n.1", meta: meta("A", 1) }, { id: "n.2", meta: meta("B", 2) }]);
+    const afterSync = roster.entries().map(([id, m]) => `${id}:${m.name}:${m.mic}`);
+    roster.apply({ event: "update", id: "n.9", meta: meta("ghost", 9) }); // unknown: ignored
+    roster.unsync();
+    roster.apply({ event: "leave", id: "n.1", meta: null });
+    const keptWhileUnsynced = roster.size;
+
+    const chat = new ChatLog(3);
+    const line = (epoch, seq) => ({ epoch, seq, text: `${epoch}${seq}` });
+    chat.add([line("a", 2)]);
+    const again = chat.add([line("a", 1), line("a", 2)]); // history overlapping a live line
+    chat.add([line("b", 1)]);                              // a restarted server: a new epoch
+    chat.add([line("a", 3)]);
+    const dup = chat.add([line("a", 1)]);                  // dropped by the limit: not re-added
+
+    return {
+        waiting, afterSync, keptWhileUnsynced,
+        polite: [isPolite({ id: "n.2", meta: meta("B", 2) }, { id: "n.1", meta: meta("A", 1) }),
+                 isPolite({ id: "n.1", meta: meta("A", 1) }, { id: "n.2", meta: meta("B", 2) })],
+        chat: chat.lines.map((l) => l.text), again, dup,
+        status: [describe("connected", null, 0), describe("reconnecting", 2500, 0), describe("reconnecting", 100, 200),
+                 describe("offline", null, 0), describe("connecting", null, 0)],
+        grid: [bestGrid(2, 890, 544), bestGrid(1, 890, 544), bestGrid(4, 890, 544)].map((g) => [g.cols, g.rows]),
+        rooms: [toRoomName(" Team Sync! "), toRoomName("http://x/call?room=amber-otter-4821"), toRoomName("a"),
+                ROOM_NAME.test(randomRoom())],
+        initials: [initials("Ada Lovelace"), initials("grace"), initials("Alan M Turing")],
+    };
+}"""
+
+
+async def test_page_modules_merge_presence_and_chat_in_order(server):
+    async with chromium() as browser:
+        page = await browser.new_page()
+        await page.goto(f"{server.base}/")
+        result = await page.evaluate(PURE_MODULES)
+    assert result["waiting"] is False
+    assert result["afterSync"] == ["n.1:Ann:false", "n.3:C:true"]  # B left, C came, A updated
+    assert result["keptWhileUnsynced"] == 2  # shown as last known until the next state
+    assert result["polite"] == [True, False]  # the later seat is polite
+    assert result["chat"] == ["a2", "a3", "b1"] and result["again"] is True and result["dup"] is False
+    assert result["status"] == ["Connected", "Reconnecting in 3 s", "Reconnecting…", "Offline", "Connecting…"]
+    assert result["grid"] == [[2, 1], [1, 1], [2, 2]]
+    assert result["rooms"] == ["team-sync", "amber-otter-4821", None, True]
+    assert result["initials"] == ["AL", "GR", "AT"]

@@ -156,7 +156,7 @@ def make_app(
         seat = conn.assigns.get("seat") if room in conn.rooms else None
         conn.assigns["seat"] = seat = seat or next(seats)
         conn.assigns["name"] = state.name
-        logger.info("%s joins %s (seat %d)", state.name, room, seat)
+        logger.info("%r joins %s (seat %d)", state.name, room, seat)
         return Meta(state.name, state.mic, state.cam, seat)
 
     @app.on("state")

@@ -30,6 +30,7 @@ const call = {
   stream: null,
   iceServers: [],
   myId: null, // our member id on the current connection, once its join reply is in
+  myIds: new Set(), // every member id we had (to tell our own chat lines)
   selfId: null, // our entry in the roster shown (kept while reconnecting)
   generation: 0, // counts connections: replies for an older one are ignored
   roster: new Roster(),
@@ -108,6 +109,7 @@ async function join() {
     if (generation !== call.generation) return;
     call.iceServers = config.iceServers;
     call.myId = call.selfId = reply.id;
+    call.myIds.add(reply.id);
     changed(() => call.roster.sync(reply.presence));
     for (const message of call.early.splice(0)) receiveSignal(message);
     addChat(await call.client.request("history"));
@@ -410,7 +412,7 @@ function renderChat() {
   const lines = call.chat.lines.map((line) => ({ key: `${line.epoch}:${line.seq}`, line }));
   const unsent = call.unsent.map((text, index) => ({ key: `unsent:${index}:${text}`, line: { name: me.name, text, from: "me" } }));
   keyed(list, [...lines, ...unsent].map((entry) => [entry.key, entry.line]), () => newLine(), (item, [key, line]) => {
-    const mine = line.from === "me" || line.from === call.myId || line.from === call.selfId;
+    const mine = line.from === "me" || call.myIds.has(line.from);
     item.classList.toggle("mine", mine);
     item.classList.toggle("unsent", key.startsWith("unsent:"));
     item.querySelector(".who").textContent = mine ? "You" : line.name;
