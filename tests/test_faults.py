@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import time
 from typing import Any
 
 import pytest
 
 import tether
+import tether.asgi
 from conftest import TIMEOUT_SCALE, ServerFactory, assert_serves, echo, timeout, url
 from rawws import OP_TEXT, RawWS
 
@@ -192,3 +192,155 @@ async def test_concurrent_handlers_are_capped_and_reading_pauses(make_server: Se
 def test_app_refuses_a_concurrency_cap_below_one() -> None:
     with pytest.raises(ValueError):
         tether.App(max_concurrent=0)
+
+
+# -- 5. corked replies respect backpressure ------------------------------------------------------
+
+
+async def test_corked_large_replies_stop_the_app_while_the_peer_does_not_read(make_server: ServerFactory) -> None:
+    """200 small requests arrive in one write; each reply is 256 KiB; the client never reads.
+    The replies of one read are corked into one write, but past CORK_LIMIT they go out and
+    backpressure stops the App after a few: memory is not 200 x 256 KiB."""
+    app = tether.App()
+    handled = 0
+
+    @app.on("big")
+    def big(conn: tether.Conn, n: int) -> str:
+        nonlocal handled
+        handled += 1
+        return "x" * (256 * 1024)
+
+    server = await make_server({"/app": app}, ping_interval=None)
+    ws = await RawWS.open(server.port, "/app", rcvbuf=4096)
+    assert ws.status == 101
+    ws.writer.write(b"".join(ws.frame(OP_TEXT, json.dumps({"type": "big", "data": n, "id": n}).encode()) for n in range(200)))
+    async with timeout(5):
+        while not server.connections:
+            await asyncio.sleep(0.01)
+        (conn,) = server.connections
+        while not conn._write_paused:  # the condition under test: backpressure reached the App
+            await asyncio.sleep(0.01)
+    assert handled < 32  # the socket's buffers take a few MiB at most; the rest wait unhandled
+    ws.abort()
+
+
+async def test_a_frame_that_fails_does_not_strand_the_corked_replies(make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure in the middle of one read's frames (a bug, here injected) still writes the
+    replies already produced for that read, before picows drops the connection."""
+    from tether.transport.picows import _Listener  # noqa: PLC2701  (the transport under test)
+
+    app = tether.App()
+
+    @app.on("add")
+    def add(conn: tether.Conn, n: int) -> int:
+        return n + 1
+
+    real = _Listener._frame
+    seen = 0
+
+    def second_fails(self: Any, frame: Any) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == 2:  # the 2nd of the read's three frames fails
+            raise RuntimeError("injected")
+        real(self, frame)
+
+    monkeypatch.setattr(_Listener, "_frame", second_fails)
+    server = await make_server({"/app": app}, ping_interval=None)
+    ws = await RawWS.open(server.port, "/app")
+    ws.writer.write(b"".join(ws.frame(OP_TEXT, json.dumps({"type": "add", "data": n, "id": n}).encode()) for n in range(3)))
+    async with timeout(5):
+        frames = []
+        while True:
+            opcode, _, payload = await ws.recv_frame()
+            if opcode != OP_TEXT:
+                break
+            frames.append(json.loads(payload))
+    assert frames[0]["type"] == "welcome" and frames[1] == {"type": "reply", "data": 1, "id": 0}
+    await ws.aclose()
+
+
+# -- 9. cookies as browsers send them -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ('prefs={"a":1}; token=y', "y"),  # SimpleCookie stops at the first bad pair
+        ("a=1;token=x;b=2", "x"),
+        ('token="quoted"', "quoted"),
+        ("tokens=no; token=", None),
+        ("garbage", None),
+    ],
+)
+def test_token_is_found_in_a_cookie_header_with_non_conforming_cookies(header: str, expected: str | None) -> None:
+    request = tether.Request("/", {"Cookie": header}, {}, None)
+    assert tether.auth.token(request) == expected
+
+
+# -- 11. smaller ones -------------------------------------------------------------------------------
+
+
+async def test_handler_that_closes_its_own_connection_before_its_reply_ends_cleanly(make_server: ServerFactory, caplog: pytest.LogCaptureFixture) -> None:
+    app = tether.App()
+
+    @app.on("bye")
+    def bye(conn: tether.Conn) -> str:
+        conn.start_close(4000, "bye")
+        return "too late"  # no reply can go out: dropped, not raised into the transport
+
+    caplog.set_level(logging.INFO)
+    server = await make_server({"/app": app})
+    async with timeout(5), tether.connect(url(server, "/app")) as conn:
+        await conn.receive()  # welcome
+        await conn.send('{"type": "bye", "id": 1}')
+        with pytest.raises(tether.ConnectionClosedError) as info:
+            await conn.receive()
+    assert info.value.code == 4000
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info] == []
+
+
+def test_a_raising_keepalive_tick_does_not_stop_the_others_in_its_bucket(caplog: pytest.LogCaptureFixture) -> None:
+    from tether import wheel
+
+    ticked: list[int] = []
+
+    class Item:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def keepalive_tick(self) -> None:
+            ticked.append(self.n)
+            if self.n == 0:
+                raise RuntimeError("a bug in one connection")
+
+    async def main() -> None:
+        now = time.monotonic()
+        for n in range(3):
+            wheel.schedule(now, Item(n))
+        while len(ticked) < 3:
+            await asyncio.sleep(wheel.RESOLUTION)
+
+    caplog.set_level(logging.CRITICAL, logger="tether")
+    asyncio.run(asyncio.wait_for(main(), 5))
+    assert ticked == [0, 1, 2]
+
+
+async def test_asgi_message_size_limit_counts_bytes_not_characters() -> None:
+    from contextlib import AsyncExitStack
+
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+
+    from transports import start_uvicorn
+
+    async with AsyncExitStack() as stack:
+        port = await start_uvicorn(stack, Starlette(routes=[WebSocketRoute("/socket", tether.asgi.asgi(echo, max_message_size=1000))]))
+        async with timeout(5), tether.connect(f"ws://127.0.0.1:{port}/socket") as conn:
+            await conn.send("é" * 500)  # 500 characters, 1000 bytes: at the limit
+            assert await conn.receive() == "é" * 500
+            await conn.send("é" * 501)  # 1002 bytes
+            with pytest.raises(tether.ConnectionClosedError) as info:
+                await conn.receive()
+    assert info.value.code == 1009
+

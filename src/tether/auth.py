@@ -24,12 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from http.cookies import SimpleCookie
 from typing import Any
 
 from .conn import Request
 
-__all__ = ["Identity", "Auth", "token", "SUBPROTOCOL", "TOKEN_PREFIX"]
+__all__ = ["Identity", "Auth", "token", "cookie_value", "subprotocols", "SUBPROTOCOL", "TOKEN_PREFIX"]
 
 #: The subprotocol tether.js offers; the server selects it when offered.
 SUBPROTOCOL = "tether"
@@ -69,13 +68,29 @@ def token(request: Request, *, name: str = "token") -> str | None:
         return request.query[name]
     cookie = request.headers.get("Cookie")
     if cookie:
-        jar: SimpleCookie = SimpleCookie()
-        jar.load(cookie)
-        if name in jar:
-            return jar[name].value
+        found = cookie_value(cookie, name)
+        if found:
+            return found
     for protocol in subprotocols(request):
         if protocol.startswith(TOKEN_PREFIX):
             return protocol[len(TOKEN_PREFIX):]
+    return None
+
+
+def cookie_value(header: str, name: str) -> str | None:
+    """The value of cookie ``name`` in a ``Cookie`` header, read as browsers send it.
+
+    ``name=value`` pairs separated by ``;`` (RFC 6265 section 5.4); a pair that is not
+    RFC-conforming (``prefs={"a":1}``) is skipped, not the end of the header (the standard
+    library's ``SimpleCookie`` stops there). Double quotes around a value are removed.
+    """
+    for pair in header.split(";"):
+        key, sep, value = pair.strip().partition("=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            return value
     return None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 import math
 import time
 import weakref
@@ -22,6 +23,7 @@ __all__ = ["schedule", "RESOLUTION"]
 RESOLUTION = 0.01
 
 _now = time.monotonic
+logger = logging.getLogger("tether")
 
 
 class _Ticking(Protocol):
@@ -60,7 +62,10 @@ class _Wheel:
         now_slot = math.floor(_now() / RESOLUTION)
         while self._slots and self._slots[0] <= now_slot:
             for item in self._buckets.pop(heapq.heappop(self._slots)):
-                item.keepalive_tick()
+                try:
+                    item.keepalive_tick()
+                except Exception:  # one connection's bug must not stop the others' keepalive
+                    logger.exception("keepalive tick failed for %r", item)
         if self._slots and self._armed is None:
             self._arm(self._slots[0])
 

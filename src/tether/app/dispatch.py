@@ -196,7 +196,7 @@ class Dispatcher:
         except (TypeError, msgspec.EncodeError):
             logger.exception("reply of a %r handler cannot be encoded", self.conn.path)
             payload = encode_error(id, INTERNAL, "internal error")
-        self.conn.write(OP_TEXT, payload)
+        self._write(payload)  # the handler may have closed its connection: nobody to answer
 
     def _write(self, payload: bytes) -> None:
         try:
@@ -240,7 +240,7 @@ class Dispatcher:
         except Exception as exc:
             self._failed(exc, job.id)
         else:
-            if job.id is not None and self.conn.state is ConnState.OPEN:
+            if job.id is not None:
                 self._reply(result, job.id)
         finally:
             self._suspended = False
@@ -270,7 +270,7 @@ class Dispatcher:
         except Exception as exc:
             self._failed(exc, id)
         else:
-            if id is not None and conn.state is ConnState.OPEN:
+            if id is not None:
                 self._reply(result, id)
 
     def _track(self, future: asyncio.Future[Any]) -> None:

@@ -44,6 +44,8 @@ _TEXT = WSMsgType.TEXT
 _PONG = WSMsgType.PONG
 _PING = WSMsgType.PING
 _DATA_OR_CLOSE = (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.CLOSE)
+#: Bytes of replies held while corked before they are written anyway (uvloop's high-water mark).
+CORK_LIMIT = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +91,7 @@ class _Listener(WSListener):
 
     __slots__ = (
         "request", "conn", "_on_open", "_settings", "_is_client", "_receiver", "_max", "_transport", "_raw",
-        "_corked", "_pending",
+        "_corked", "_pending", "_pending_size",
     )
 
     def __init__(self, request: Request, on_open: OnOpen | None, settings: TransportSettings, *, is_client: bool) -> None:
@@ -107,6 +109,7 @@ class _Listener(WSListener):
         # we can build them; a client's must be masked, so clients never cork).
         self._corked = False
         self._pending: list[bytes] = []
+        self._pending_size = 0
 
     # -- picows callbacks ----------------------------------------------------------------
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -120,21 +123,39 @@ class _Listener(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.last_in_buffer:
-            self._frame(frame)
-            if self._corked:
-                self._uncork()
+            try:
+                self._frame(frame)
+            finally:  # one frame that fails must not strand the replies to the others
+                if self._corked:
+                    self._uncork()
         else:
             self._corked = not self._is_client
-            self._frame(frame)
+            try:
+                self._frame(frame)
+            except BaseException:
+                self._uncork()
+                raise
 
     def _uncork(self) -> None:
         """Write every frame produced while corked, in one write."""
         self._corked = False
+        self._flush()
+
+    def _flush(self) -> None:
         if self._pending:
             data = b"".join(self._pending)
             self._pending.clear()
+            self._pending_size = 0
             assert self._raw is not None
-            self._raw.write(data)
+            self._raw.write(data)  # past the high-water mark this pauses writing, at once
+
+    def _cork(self, frame: bytes, size: int) -> None:
+        """Hold a frame for the write at the end of the read; past CORK_LIMIT bytes write
+        now, so backpressure still sees large replies (the Conn stops handling messages)."""
+        self._pending.append(frame)
+        self._pending_size += size
+        if self._pending_size > CORK_LIMIT:
+            self._flush()
 
     def _frame(self, frame: WSFrame) -> None:
         conn = self.conn
@@ -192,7 +213,8 @@ class _Listener(WSListener):
     # -- Transport ----------------------------------------------------------------------------
     def write(self, opcode: int, payload: bytes) -> None:
         if self._corked:
-            self._pending += (frame_header(opcode, len(payload)), payload)
+            self._pending.append(frame_header(opcode, len(payload)))
+            self._cork(payload, len(payload))
             return
         assert self._transport is not None
         self._transport.send(_MSG_TYPE[opcode], payload)
@@ -203,7 +225,7 @@ class _Listener(WSListener):
         picows writes its own frames synchronously too, so whole frames never interleave.
         """
         if self._corked:
-            self._pending.append(frame)
+            self._cork(frame, len(frame))
             return
         assert self._raw is not None
         self._raw.write(frame)
@@ -242,6 +264,7 @@ class _Listener(WSListener):
 
     def abort(self) -> None:
         self._pending.clear()
+        self._pending_size = 0
         self._corked = False
         if self._transport is not None:
             self._transport.disconnect(graceful=False)
