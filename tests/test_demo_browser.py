@@ -312,6 +312,12 @@ async def test_third_person_joins_every_pair_connects_then_one_leaves(server):
             await video_grows(page)
         for page in (ada, grace):
             await sees(page, "Alan Turing", mic=True, cam=True)
+        await alan.fill("#people li.mine input", "Alan M. Turing")  # names are editable, live
+        await alan.press("#people li.mine input", "Enter")
+        for page in (ada, grace):
+            await sees(page, "Alan M. Turing", mic=True, cam=True)
+            await page.wait_for_function("[...document.querySelectorAll('.tile .name')].some((e) => e.textContent === 'Alan M. Turing')", timeout=ms(10))
+        assert await alan.evaluate("localStorage.getItem('tether-call.name')") == "Alan M. Turing"
 
         await alan.click("#leave")
         await alan.wait_for_selector("#ended:not([hidden])", timeout=ms(10))
