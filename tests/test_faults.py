@@ -344,3 +344,47 @@ async def test_asgi_message_size_limit_counts_bytes_not_characters() -> None:
                 await conn.receive()
     assert info.value.code == 1009
 
+
+
+class RecordingBroker(tether.MemoryBroker):
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    async def start(self, node: str, deliver: Any) -> None:
+        self.events.append("start")
+        await super().start(node, deliver)
+
+    async def close(self) -> None:
+        self.events.append("close")
+        await super().close()
+
+
+async def run_with_lifespan(asgi_app: Any, broker: RecordingBroker) -> None:
+    """Serve ``asgi_app`` with uvicorn (lifespan on); the broker is started while it serves."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(asgi_app, host="127.0.0.1", port=0, lifespan="on", log_level="warning"))
+    async with timeout(10):
+        serving = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        assert broker.events == ["start"]
+        server.should_exit = True
+        await serving
+
+
+async def test_asgi_lifespan_starts_and_closes_the_apps_broker() -> None:
+    broker = RecordingBroker()
+    await run_with_lifespan(tether.App(broker=broker).asgi(), broker)
+    assert broker.events == ["start", "close"]
+
+
+async def test_asgi_lifespan_hook_for_a_mounting_framework() -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+
+    broker = RecordingBroker()
+    asgi_app = tether.App(broker=broker).asgi()
+    await run_with_lifespan(Starlette(routes=[WebSocketRoute("/ws", asgi_app)], lifespan=asgi_app.lifespan), broker)
+    assert broker.events == ["start", "close"]

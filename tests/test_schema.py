@@ -106,7 +106,17 @@ def test_cli_rejects_something_that_is_not_an_app():
     assert done.returncode != 0 and "is not a tether.App" in done.stderr
 
 
-@pytest.mark.parametrize("target", ["examples.chat.app", "examples.chat.app:nothing"])
-def test_cli_bad_target_fails_clearly(target):
-    done = subprocess.run([sys.executable, "-m", "tether", "schema", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode != 0
+@pytest.mark.parametrize(
+    ("command", "target", "says"),
+    [
+        ("schema", "examples.chat.app", "expected module:attribute"),
+        ("schema", "examples.chat.app:nothing", "has no attribute 'nothing'"),
+        ("schema", "no_such_module:app", "no such module"),
+        ("run", "examples.chat.app:nothing", "has no attribute 'nothing'"),
+        ("run", "no_such_module:app", "no such module"),
+    ],
+)
+def test_cli_bad_target_is_one_line_and_exit_2(command, target, says):
+    done = subprocess.run([sys.executable, "-m", "tether", command, target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("tether: ") and says in done.stderr

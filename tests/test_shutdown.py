@@ -157,6 +157,29 @@ async def test_server_signal_exits_within_shutdown_timeout_when_a_client_never_a
     assert exited_after < SHUTDOWN_TIMEOUT + MARGIN
 
 
+@pytest.mark.parametrize("path", ["/push", "/stubborn"])
+async def test_server_process_exits_within_shutdown_timeout_plus_1s_despite_a_non_reader_or_a_stuck_handler(path: str) -> None:
+    """``/push``: the client never reads while the server pushes, so no close frame or FIN can
+    be written; ``/stubborn``: a handler that never returns. SIGTERM still ends the process
+    within shutdown_timeout + 1 s (plus the interpreter's exit)."""
+    proc = Process("--shutdown-timeout", "1.0")
+    await proc.start()
+    try:
+        async with timeout(30):
+            mute = await RawWS.open(proc.port, path, rcvbuf=4096)
+            assert mute.status == 101
+            polite = await tether.connect(f"ws://127.0.0.1:{proc.port}/ws")
+            await polite.receive()  # welcome: the server is serving
+            signalled = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+            exited_after = time.monotonic() - signalled
+        mute.abort()
+    finally:
+        await proc.aclose()
+    assert exited_after < 1.0 + 1.0 + 0.5 * TIMEOUT_SCALE
+
+
 async def test_client_reconnects_to_restarted_server_after_1001(tmp_path: Path) -> None:
     """tether.Client sees 1001, waits its retry_after (spread 0.3 s here), and reconnects to
     a new process on the same port; the outbox carries what was sent meanwhile."""

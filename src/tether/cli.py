@@ -21,16 +21,31 @@ from .app import App
 __all__ = ["main"]
 
 
+class BadTarget(Exception):
+    """A ``module:attribute`` that cannot be loaded; its message is the one line to print."""
+
+
 def load(target: str) -> Any:
-    """Import ``module:attribute`` (the current directory is importable)."""
+    """Import ``module:attribute`` (the current directory is importable).
+
+    Raises :class:`BadTarget` with a one-line explanation when it cannot.
+    """
     module_name, _, attr = target.partition(":")
-    if not attr:
-        raise SystemExit(f"tether: expected module:attribute, got {target!r}")
+    if not module_name or not attr:
+        raise BadTarget(f"expected module:attribute, got {target!r}")
     if "" not in sys.path:
         sys.path.insert(0, "")
-    obj: Any = importlib.import_module(module_name)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise BadTarget(f"cannot import {module_name!r}: no such module") from None
+        raise  # the module exists but imports something missing: its traceback is the news
     for part in attr.split("."):
-        obj = getattr(obj, part)
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise BadTarget(f"{module_name!r} has no attribute {attr!r}") from None
     return obj
 
 
@@ -49,10 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--static", default=None, help="directory of static files")
     args = parser.parse_args(argv)
 
-    target = load(args.app)
+    try:
+        target = load(args.app)
+    except BadTarget as exc:
+        print(f"tether: {exc}", file=sys.stderr)
+        return 2
     if args.command == "schema":
         if not isinstance(target, App):
-            raise SystemExit(f"tether: {args.app} is not a tether.App")
+            print(f"tether: {args.app} is not a tether.App", file=sys.stderr)
+            return 2
         from .schema import asyncapi, typescript
 
         if args.typescript:

@@ -9,6 +9,9 @@ port; a filter passes only that line). Handlers:
 - ``slow`` seconds -> ``"done after <seconds>"``: emits ``started`` first, then awaits that long
   (an in-flight request for the shutdown to drain).
 
+Plain handlers: ``/push`` pushes 64 KiB messages as fast as the peer reads (a peer that never
+reads fills every buffer); ``/stubborn`` ignores its connection and never returns.
+
 SIGTERM or SIGINT shut it down gracefully (``tether.run``); it exits with code 0.
 """
 
@@ -45,6 +48,17 @@ def make_app() -> tether.App:
     return app
 
 
+async def push(conn: tether.Conn) -> None:
+    chunk = "x" * 65536
+    while True:
+        await conn.send(chunk)
+
+
+async def stubborn(conn: tether.Conn) -> None:
+    while True:  # never looks at its connection: only cancelling it ends it
+        await asyncio.sleep(0.05)
+
+
 class _PortLine(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.getMessage().startswith("tether serving on "):
@@ -65,7 +79,7 @@ def main(argv: list[str]) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     tether.run(
-        {"/ws": make_app()},
+        {"/ws": make_app(), "/push": push, "/stubborn": stubborn},
         "127.0.0.1",
         args.port,
         shutdown_spread=args.shutdown_spread,

@@ -110,11 +110,12 @@ class App:
     def asgi(self, **settings: Any) -> ASGIApp:
         """This app as an ASGI application: ``Starlette(routes=[WebSocketRoute("/ws", app.asgi())])``.
 
-        ``settings`` are those of :func:`tether.asgi.asgi`.
+        ``settings`` are those of :func:`tether.asgi.asgi`; the ASGI app uses this app's
+        rooms hub and closes it (its broker) in its lifespan.
         """
         from ..transport.asgi import asgi
 
-        return asgi(self, **settings)
+        return asgi(self, hub=self.hub, **settings)
 
     def on_join(self, fn: OnJoin) -> OnJoin:
         """Let clients join rooms (``{"type": "join", "data": {"room", "meta"}}``), if ``fn`` agrees.

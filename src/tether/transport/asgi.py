@@ -38,9 +38,10 @@ Plain HTTP requests to the route get ``426 Upgrade Required``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from ..auth import Auth
@@ -75,6 +76,7 @@ def asgi(
     auth: Auth | None = None,
     rate_limit: RateLimit | None = None,
     max_connections: int | None = None,
+    hub: Hub | None = None,
 ) -> ASGIApp:
     """Wrap ``handler`` as an ASGI application; see the module docstring.
 
@@ -84,11 +86,12 @@ def asgi(
     ``heartbeat_interval``/``heartbeat_timeout`` drive a typed App's heartbeat messages
     (protocol pings are uvicorn's: its ``ws_ping_interval``/``ws_ping_timeout``).
     ``allowed_origins``, ``auth``, ``rate_limit`` and ``max_connections`` work as in
-    :class:`tether.Server`.
+    :class:`tether.Server`. ``hub`` is the rooms hub of its connections (``app.asgi()`` passes
+    the App's); the ASGI app starts it and closes it (its broker) in its lifespan.
     """
     settings = ConnSettings(max_queue=max_queue, close_timeout=close_timeout, ping_interval=heartbeat_interval, ping_timeout=heartbeat_timeout)
     policy = Policy(allowed_origins=allowed_origins, auth=auth, rate_limit=rate_limit, max_connections=max_connections)
-    return ASGIApp(handler, settings, policy, max_message_size=max_message_size, write_limit=write_limit)
+    return ASGIApp(handler, settings, policy, max_message_size=max_message_size, write_limit=write_limit, hub=hub)
 
 
 class ASGIApp:
@@ -98,14 +101,16 @@ class ASGIApp:
     call it as raw ASGI rather than as ``endpoint(websocket)``.
     """
 
-    def __init__(self, handler: Handler, settings: ConnSettings, policy: Policy, *, max_message_size: int | None, write_limit: int) -> None:
+    def __init__(
+        self, handler: Handler, settings: ConnSettings, policy: Policy, *, max_message_size: int | None, write_limit: int, hub: Hub | None = None
+    ) -> None:
         self.handler = handler
         self.settings = settings
         self.policy = policy
         self.max_message_size = max_message_size
         self.write_limit = write_limit
-        #: The rooms hub of plain handlers served here (an App uses its own).
-        self.hub = Hub()
+        #: The rooms hub of the connections served here (the App's, from ``app.asgi()``).
+        self.hub = hub if hub is not None else Hub()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -114,7 +119,33 @@ class ASGIApp:
         elif kind == "http":
             await _upgrade_required(send)
         elif kind == "lifespan":
-            await _lifespan(receive, send)
+            await self._lifespan(receive, send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """Start the hub, then close it (withdrawing presence, closing the broker) at shutdown.
+
+        Served directly, the ASGI app runs this for its own lifespan events; mounted, pass it
+        to the framework: ``Starlette(routes=[...], lifespan=asgi_app.lifespan)``.
+        """
+        await self.hub.start()
+        try:
+            yield
+        finally:
+            await self.hub.close()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """Served directly (not mounted): startup and shutdown of the hub."""
+        async with contextlib.AsyncExitStack() as stack:
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await stack.enter_async_context(self.lifespan())
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await stack.aclose()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         first = await receive()
@@ -342,14 +373,3 @@ async def _upgrade_required(send: Send) -> None:
     headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"upgrade", b"websocket"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 426, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    """Served directly (not mounted), the app has nothing to start or stop."""
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
