@@ -1,12 +1,16 @@
 // gorilla/websocket peer, as its examples show: ReadJSON / WriteJSON.
+// Broadcast ({"type":"broadcast",...}): one PreparedMessage (framed once), written to every
+// connection; gorilla allows one writer at a time per connection, hence the per-connection lock.
 //
 //	gorilla PORT
 package main
 
 import (
+	"encoding/json"
 	"log"
 	"net/http"
 	"os"
+	"sync"
 
 	"github.com/gorilla/websocket"
 )
@@ -21,7 +25,34 @@ type Msg struct {
 	Data Echo   `json:"data"`
 }
 
-var upgrader = websocket.Upgrader{}
+type client struct {
+	c  *websocket.Conn
+	mu sync.Mutex // one writer at a time
+}
+
+var (
+	upgrader = websocket.Upgrader{}
+	mu       sync.Mutex
+	clients  = map[*client]struct{}{}
+)
+
+func broadcast(msg Msg) {
+	b, err := json.Marshal(msg)
+	if err != nil {
+		return
+	}
+	pm, err := websocket.NewPreparedMessage(websocket.TextMessage, b)
+	if err != nil {
+		return
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for cl := range clients {
+		cl.mu.Lock()
+		cl.c.WritePreparedMessage(pm)
+		cl.mu.Unlock()
+	}
+}
 
 func echo(w http.ResponseWriter, r *http.Request) {
 	c, err := upgrader.Upgrade(w, r, nil)
@@ -29,17 +60,34 @@ func echo(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer c.Close()
+	cl := &client{c: c}
+	mu.Lock()
+	clients[cl] = struct{}{}
+	mu.Unlock()
+	defer func() {
+		mu.Lock()
+		delete(clients, cl)
+		mu.Unlock()
+	}()
 	for {
 		var msg Msg
 		if err := c.ReadJSON(&msg); err != nil {
 			return
 		}
-		if msg.Type != "echo" || msg.Data.N == nil {
+		if msg.Data.N == nil {
 			continue
 		}
-		reply := Msg{Type: "echo", Data: Echo{Message: "Thanks for the message!", N: msg.Data.N}}
-		if err := c.WriteJSON(reply); err != nil {
-			return
+		switch msg.Type {
+		case "echo":
+			reply := Msg{Type: "echo", Data: Echo{Message: "Thanks for the message!", N: msg.Data.N}}
+			cl.mu.Lock()
+			err = c.WriteJSON(reply)
+			cl.mu.Unlock()
+			if err != nil {
+				return
+			}
+		case "broadcast":
+			broadcast(msg)
 		}
 	}
 }
