@@ -19,6 +19,7 @@ import pytest
 
 import tether
 import tether.asgi
+import tether.testing
 from conftest import TIMEOUT_SCALE, ServerFactory, assert_serves, echo, timeout, url
 from rawws import OP_TEXT, RawWS
 
@@ -388,3 +389,179 @@ async def test_asgi_lifespan_hook_for_a_mounting_framework() -> None:
     asgi_app = tether.App(broker=broker).asgi()
     await run_with_lifespan(Starlette(routes=[WebSocketRoute("/ws", asgi_app)], lifespan=asgi_app.lifespan), broker)
     assert broker.events == ["start", "close"]
+
+
+# -- 6. the reconnecting client ---------------------------------------------------------------------
+
+
+async def test_client_params_raising_reaches_error_event_and_wait_open_then_recovers(make_server: ServerFactory, caplog: pytest.LogCaptureFixture) -> None:
+    from tether.proto.backoff import Backoff
+
+    server = await make_server({"/app": tether.App()})
+    attempts = 0
+
+    def params() -> dict[str, str]:
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 2:
+            raise RuntimeError(f"token service down ({attempts})")
+        return {"token": "t"}
+
+    errors: list[BaseException] = []
+    caplog.set_level(logging.CRITICAL, logger="tether.client")
+    client = tether.Client(url(server, "/app"), params=params, backoff=Backoff(base=0.05 * S, cap=0.1 * S))
+    client.add_listener("error", errors.append)
+    async with timeout(5), client:
+        with pytest.raises(RuntimeError, match="token service down"):
+            await client.wait_open()
+        while client.state != "open":
+            try:
+                await client.wait_open()
+            except RuntimeError:
+                continue  # the next attempt failed too: wait_open says so each time
+    assert [str(e) for e in errors] == ["token service down (1)", "token service down (2)"]
+    assert attempts == 3
+
+
+def going_away(seconds: float) -> tether.App:
+    app = tether.App()
+    seen: list[tether.Conn] = []
+
+    @app.on_connect
+    def away(conn: tether.Conn) -> None:
+        seen.append(conn)
+        raise tether.CloseConnection(1001, f"going away; retry_after={seconds}")
+
+    app.assigns_seen = seen  # type: ignore[attr-defined]
+    return app
+
+
+async def test_client_close_during_a_long_retry_after_returns_promptly(make_server: ServerFactory) -> None:
+    server = await make_server({"/app": going_away(30)})
+    client = tether.Client(url(server, "/app"))
+    reconnecting = asyncio.Event()
+    client.add_listener("reconnecting", lambda *a: reconnecting.set())
+    client.start()
+    async with timeout(5):
+        await reconnecting.wait()
+        client.wake()  # skips the backoff, not the server's retry_after: now it waits 30 s
+        await asyncio.sleep(0)
+        began = time.monotonic()
+        await client.close()
+    assert time.monotonic() - began < 0.5 * S
+
+
+async def test_client_caps_a_servers_retry_after(make_server: ServerFactory) -> None:
+    from tether.proto.backoff import Backoff
+
+    app = going_away(1000)
+    server = await make_server({"/app": app})
+    async with timeout(5), tether.Client(url(server, "/app"), max_retry_after=0.1, backoff=Backoff(base=0.01, cap=0.02)):
+        while len(app.assigns_seen) < 3:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.01)
+
+
+async def test_client_awaited_send_waits_while_the_server_does_not_read(make_server: ServerFactory) -> None:
+    app = tether.App()
+    release = asyncio.Event()
+    got = 0
+
+    @app.on("hang")
+    async def hang(conn: tether.Conn) -> None:
+        await release.wait()  # holds the connection: its inbox fills, then reading stops
+
+    @app.on("blob")
+    def blob(conn: tether.Conn, data: str) -> None:
+        nonlocal got
+        got += 1
+
+    server = await make_server({"/app": app}, max_queue=4)
+    async with timeout(20), tether.Client(url(server, "/app")) as client:
+        await client.wait_open()
+        client.send("hang")
+        sent = 0
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.0 * S):
+                while sent < 2000:  # 125 MiB if nothing pushed back
+                    await client.send("blob", "x" * 65536)
+                    sent += 1
+        assert 0 < sent < 2000
+        release.set()
+        while got < sent:
+            await asyncio.sleep(0.01)
+
+
+async def test_client_handler_errors_are_logged_and_counted_and_async_ones_kept_alive(make_server: ServerFactory, caplog: pytest.LogCaptureFixture) -> None:
+    app = tether.App()
+
+    @app.on("go")
+    async def go(conn: tether.Conn) -> None:
+        await conn.emit("ping", 1)
+        await conn.emit("ping", 2)
+
+    server = await make_server({"/app": app})
+    done = asyncio.Event()
+    caplog.set_level(logging.ERROR, logger="tether.client")
+
+    def sync_handler(data: int) -> None:
+        raise ValueError(f"sync {data}")
+
+    async def async_handler(data: int) -> None:
+        await asyncio.sleep(0)
+        if data == 2:
+            done.set()
+            raise ValueError(f"async {data}")
+
+    async with timeout(5), tether.Client(url(server, "/app")) as client:
+        client.on("ping", sync_handler)
+        client.on("ping", async_handler)
+        client.send("go")
+        await done.wait()
+        while client.handler_errors < 3:
+            await asyncio.sleep(0.01)
+    assert client.handler_errors == 3
+    messages = sorted(str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+    assert messages == ["async 2", "sync 1", "sync 2"]
+
+
+# -- 8. the room of a pushed message reaches the client ---------------------------------------------
+
+
+async def test_client_handlers_get_the_room_of_a_broadcast(make_server: ServerFactory) -> None:
+    app = tether.App()
+
+    @app.on("enter")
+    async def enter(conn: tether.Conn, room: str) -> None:
+        await conn.join(room)
+
+    @app.on("say")
+    async def say(conn: tether.Conn, data: dict[str, str]) -> None:
+        await app.broadcast(data["room"], "said", data["text"])
+        await conn.emit("said", "to you only")
+
+    server = await make_server({"/app": app})
+    heard: list[tuple[str, str | None]] = []
+    async with timeout(5), tether.Client(url(server, "/app")) as client:
+        client.on("said", lambda text, room: heard.append((text, room)))
+        only_data: list[str] = []
+        client.on("said", only_data.append)
+        await client.request("enter", "red")
+        await client.request("enter", "blue")
+        await client.request("say", {"room": "blue", "text": "hi blue"})
+        await client.request("say", {"room": "red", "text": "hi red"})
+    assert heard == [("hi blue", "blue"), ("to you only", None), ("hi red", "red"), ("to you only", None)]
+    assert only_data == ["hi blue", "to you only", "hi red", "to you only"]
+
+
+async def test_testing_client_sees_the_room_of_a_broadcast() -> None:
+    app = tether.App()
+
+    @app.on("enter")
+    async def enter(conn: tether.Conn, room: str) -> None:
+        await conn.join(room)
+        await app.broadcast(room, "hello", "all")
+
+    async with timeout(5), tether.testing.connect(app) as client:
+        await client.send("enter", "lobby")
+        message = await client.receive()
+    assert (message.type, message.data, message.room) == ("hello", "all", "lobby")

@@ -34,7 +34,8 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from functools import partial
 from types import EllipsisType
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -49,11 +50,41 @@ from ..proto.frames import OP_TEXT
 from ..proto.session import Session, State
 from .connect import connect
 
-__all__ = ["Client", "ConnectionLost", "OutboxOverflow", "ClientClosed", "reply_error"]
+__all__ = ["Client", "ConnectionLost", "Drained", "OutboxOverflow", "ClientClosed", "reply_error"]
 
 logger = logging.getLogger("tether.client")
 
 Params = Callable[[], "Mapping[str, str] | Awaitable[Mapping[str, str]]"]
+
+
+class Drained:
+    """What :meth:`Client.send` returns: awaiting it waits until the connection the message
+    went out on can take more (nothing to wait for if it was queued in the outbox)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Conn | None) -> None:
+        self._conn = conn
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._drain().__await__()
+
+    async def _drain(self) -> None:
+        if self._conn is not None:
+            try:
+                await self._conn.drain()
+            except ConnectionClosed:
+                pass  # it dropped while we waited: nothing more to wait for
+
+
+def _takes_room(handler: Callable[..., Any]) -> bool:
+    """Whether ``handler`` accepts ``(data, room)``."""
+    try:
+        params = inspect.signature(handler).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature: call them with data only
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
 def reply_error(data: Any) -> ReplyError:
@@ -85,7 +116,12 @@ class Client:
         self._headers = headers
         self._connect_kwargs = dict(connect_kwargs, ping_interval=ping_interval, ping_timeout=ping_timeout)
         self._request_timeout = request_timeout
-        self._handlers: dict[str, list[Callable[[Any], Any]]] = {}
+        self._handlers: dict[str, list[tuple[Callable[..., Any], bool]]] = {}
+        self._running: set[asyncio.Task[Any]] = set()  # async handlers' tasks (kept referenced)
+        #: Handlers (``on``) that raised so far; each is logged on ``tether.client``.
+        self.handler_errors = 0
+        self._errors = 0  # unexpected failures of connection attempts (wait_open raises them)
+        self._last_error: BaseException | None = None
         self._listeners: dict[str, list[Callable[..., Any]]] = {}
         self._futures: dict[int, asyncio.Future[Any]] = {}  # pending requests' replies
         self._conn: Conn | None = None
@@ -112,19 +148,32 @@ class Client:
         return self._latency
 
     # -- public API ----------------------------------------------------------------------
-    def on(self, type: str, handler: Callable[[Any], Any]) -> Callable[[], None]:
-        """Call ``handler(data)`` for every message of ``type``; returns an unsubscribe function."""
-        self._handlers.setdefault(type, []).append(handler)
-        return lambda: self._handlers[type].remove(handler)
+    def on(self, type: str, handler: Callable[..., Any]) -> Callable[[], None]:
+        """Call ``handler(data)`` for every message of ``type``; returns an unsubscribe function.
+
+        A handler that takes two arguments gets ``handler(data, room)``: the room a broadcast
+        went to (None for a message sent to this connection only). An async handler runs as
+        a task; a handler that raises is logged on ``tether.client`` and counted in
+        :attr:`handler_errors`, and the next message is handled as usual.
+        """
+        entry = (handler, _takes_room(handler))
+        self._handlers.setdefault(type, []).append(entry)
+        return lambda: self._handlers[type].remove(entry)
 
     def add_listener(self, event: str, fn: Callable[..., Any]) -> None:
         """Events: ``open``, ``reconnected``, ``close(code, reason)``, ``reconnecting(attempt, delay)``,
-        ``outboxoverflow()`` (the outbox dropped its oldest message)."""
+        ``outboxoverflow()`` (the outbox dropped its oldest message), ``error(exc)`` (a
+        connection attempt failed unexpectedly, e.g. ``params`` raised; the client retries)."""
         self._listeners.setdefault(event, []).append(fn)
 
-    def send(self, type: str, data: Any = None) -> None:
-        """Send a typed message now, or queue it in the outbox while disconnected."""
-        self._push(encode_message(type, data), None)
+    def send(self, type: str, data: Any = None) -> Drained:
+        """Send a typed message now, or queue it in the outbox while disconnected.
+
+        ``await client.send(...)`` also waits while the connection's write buffer is full
+        (the server is not reading): backpressure for a producer that could outrun it. Not
+        awaiting it is fine: the message is on its way (or in the bounded outbox) either way.
+        """
+        return Drained(self._push(encode_message(type, data), None))
 
     # ASYNC109: the per-call timeout (default request_timeout) is the API, as in tether.js's request().
     async def request(self, type: str, data: Any = None, *, timeout: float | None | EllipsisType = ...) -> Any:  # noqa: ASYNC109
@@ -149,10 +198,18 @@ class Client:
             self._session.forget(id)
 
     async def wait_open(self) -> None:
-        """Wait until a connection is open."""
+        """Wait until a connection is open.
+
+        Raises :class:`ClientClosed` once the client is closed for good, and the exception
+        of a connection attempt that failed for another reason than the network or a
+        refusal (``params`` raised, say) while waiting; the client goes on retrying.
+        """
+        errors = self._errors
         while self.state != "open":
             if self.state == "closed":
                 raise ClientClosed("client is closed")
+            if self._errors != errors and self._last_error is not None:
+                raise self._last_error
             await self._changed()
 
     async def close(self) -> None:
@@ -208,7 +265,14 @@ class Client:
             except TimeoutError:
                 pass
             else:  # woken early: skip the backoff, never the server's retry_after
-                await asyncio.sleep(max(0.0, self._not_before - time.monotonic()))
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(max(0.0, self._not_before - time.monotonic())):
+                        while not self._closed():  # close() wakes us again: return at once
+                            await self._wake.wait()
+                            self._wake.clear()
+                except TimeoutError:
+                    pass
 
     async def _connect_once(self) -> tuple[int | None, str, int | None]:
         """One connection, from opening to closing: ``(close code, reason, refusal status)``."""
@@ -218,6 +282,12 @@ class Client:
             return None, str(exc), exc.status or None
         except (TimeoutError, OSError) as exc:
             logger.info("connect to %s failed: %s", self.url, exc)
+            return None, "", None
+        except Exception as exc:  # params() raised, a bad URL, ...: report it, retry later
+            logger.warning("connection attempt to %s failed: %r", self.url, exc)
+            self._errors += 1
+            self._last_error = exc
+            self._emit("error", exc)
             return None, "", None
         if self.state == "closed":
             await conn.close()
@@ -261,13 +331,24 @@ class Client:
         elif kind == "heartbeat":
             self._push(encode_message("heartbeat", incoming.data), None)
         elif kind != "welcome":
-            for handler in list(self._handlers.get(kind, ())):
+            for handler, takes_room in list(self._handlers.get(kind, ())):
                 try:
-                    result = handler(incoming.data)
+                    result = handler(incoming.data, incoming.room) if takes_room else handler(incoming.data)
                     if inspect.isawaitable(result):
-                        asyncio.ensure_future(result)
+                        task = asyncio.ensure_future(result)
+                        self._running.add(task)
+                        task.add_done_callback(partial(self._handler_done, kind))
                 except Exception:
-                    logger.exception("handler for %r failed", kind)
+                    self._handler_failed(kind)
+
+    def _handler_done(self, kind: str, task: asyncio.Future[Any]) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._handler_failed(kind, task.exception())
+
+    def _handler_failed(self, kind: str, exc: BaseException | None = None) -> None:
+        self.handler_errors += 1
+        logger.error("handler for %r failed", kind, exc_info=exc if exc is not None else True)
 
     def _settle(self, incoming: Envelope) -> None:
         if not self._session.settle(incoming.id):
@@ -281,7 +362,8 @@ class Client:
         else:
             future.set_exception(reply_error(incoming.data))
 
-    def _push(self, payload: bytes, id: int | None) -> None:
+    def _push(self, payload: bytes, id: int | None) -> Conn | None:
+        """Write or queue one message; returns the connection it was written to, if any."""
         if self.state == "closed":
             raise ClientClosed("client is closed")
         write_now, dropped = self._session.send(payload, id)
@@ -294,11 +376,12 @@ class Client:
                 dropped = self._session.queue(payload, id)
             else:
                 self._session.wrote(id)
-                return
+                return conn
         if dropped is not None:
             if dropped[1] is not None:
                 self._fail([dropped[1]], OutboxOverflow("dropped from the full outbox"))
             self._emit("outboxoverflow")
+        return None
 
     # -- plumbing ------------------------------------------------------------------------
     def _fail(self, ids: list[int], exc: Exception) -> None:
