@@ -7,15 +7,16 @@
  *     client.send("chat", { text: "hi" });
  *     const sum = await client.request("add", { a: 1, b: 2 });
  *
- * Wire protocol: docs/protocol.md. The reconnect schedule and the heartbeat
- * decisions are line-by-line ports of tether/backoff.py and tether/keepalive.py,
- * checked against the same vectors (tests/vectors/*.json). Like there, times in
- * those functions are seconds; the client's own options (requestTimeout) are ms.
+ * Wire protocol: docs/protocol.md. The reconnect schedule, the heartbeat decisions and
+ * the session core (outbox, pending requests, reconnect decisions) are line-by-line ports
+ * of tether/proto/backoff.py, tether/proto/keepalive.py and tether/proto/session.py,
+ * checked against the same vectors (tests/vectors/*.json). Like there, times in those
+ * functions are seconds; the client's own options (requestTimeout) are ms.
  *
  * @module tether
  */
 
-// ---- Reconnect schedule: port of tether/backoff.py ----------------------------
+// ---- Reconnect schedule: port of tether/proto/backoff.py ----------------------
 
 /** Close codes after which reconnecting cannot help: rate limited, auth rejected, forbidden. */
 const NO_RECONNECT_CODES = new Set([1008, 4001, 4003]);
@@ -93,7 +94,7 @@ export class Backoff {
   }
 }
 
-// ---- Heartbeat decisions: port of tether/keepalive.py -------------------------
+// ---- Heartbeat decisions: port of tether/proto/keepalive.py -------------------
 
 /**
  * Decide from a check timer running every `interval` seconds whether the server is alive:
@@ -113,6 +114,138 @@ export function liveness(now, lastReceived, lastCheck, interval, timeout, { late
 export function heartbeatDue(now, lastSent, interval) {
   if (interval == null) return false;
   return now - lastSent >= interval;
+}
+
+// ---- Session core: port of tether/proto/session.py ---------------------------
+
+/** Handshake refusals that retrying cannot fix: 401 (unauthorized), 403 (forbidden, origin). */
+const REFUSED_STATUSES = new Set([401, 403]);
+
+/**
+ * A reconnecting client's bookkeeping, with no I/O: the outbox, pending requests, reconnects.
+ * {@link TetherClient} drives it (the Python `tether.Client` drives the same rules). It decides:
+ * - sending: while open a message is written at once; otherwise it waits in a bounded outbox,
+ *   oldest dropped first when full (the driver fails a dropped request with "OutboxOverflow");
+ * - requests: ids, which wait for a reply, which of them were written to the current socket
+ *   (those are lost when it drops: their replies can never come);
+ * - reconnecting: whether to retry and after how long: never after close(), a refused
+ *   handshake (status 401/403, which only a non-browser driver can see) or close code 1008,
+ *   4001, 4003; full-jitter backoff plus a 1001 retry_after capped at `maxRetryAfter` seconds.
+ * Times are seconds, `rand` uniform in [0, 1): both passed in. Payloads are opaque.
+ */
+export class Session {
+  #nextId = 1;
+
+  /** @throws {RangeError} if `outboxSize` is not an integer >= 0. */
+  constructor({ outboxSize = 100, backoff = null, maxRetryAfter = 60 } = {}) {
+    if (!(Number.isInteger(outboxSize) && outboxSize >= 0)) throw new RangeError("outboxSize must be an integer >= 0");
+    /** @type {"connecting" | "open" | "reconnecting" | "closed"} */
+    this.state = "connecting";
+    this.outbox = []; // [payload, id] waiting for a connection, oldest first; id null for one-way
+    this.outboxSize = outboxSize;
+    this.pending = new Set(); // request ids waiting for their reply
+    this.written = new Set(); // of those, the ids written to the current connection
+    this.backoff = backoff ?? new Backoff();
+    this.maxRetryAfter = maxRetryAfter;
+    this.opened = 0; // connections opened so far (the first is not a reconnect)
+  }
+
+  // -- sending
+
+  /** A new request id, now pending. */
+  requestId() {
+    const id = this.#nextId;
+    this.#nextId += 1;
+    this.pending.add(id);
+    return id;
+  }
+
+  /**
+   * Route one outgoing message: `[writeNow, dropped]`. `writeNow` true: the driver writes it
+   * (and calls wrote() if it is a request); false: it waits in the outbox, and `dropped` is
+   * the oldest entry pushed out to make room, or null.
+   * @throws {RangeError} once closed (the driver throws "ClientClosed" before asking).
+   */
+  send(payload, id = null) {
+    if (this.state === "closed") throw new RangeError("session is closed");
+    if (this.state === "open") return [true, null];
+    return [false, this.queue(payload, id)];
+  }
+
+  /** Put a message in the outbox (also when writing it failed); returns the entry dropped, or null. */
+  queue(payload, id = null) {
+    this.outbox.push([payload, id]);
+    if (this.outbox.length > this.outboxSize) {
+      const dropped = this.outbox.shift();
+      if (dropped[1] !== null) this.pending.delete(dropped[1]);
+      return dropped;
+    }
+    return null;
+  }
+
+  /** A request went out on the current connection. */
+  wrote(id) {
+    if (id !== null && this.pending.has(id)) this.written.add(id);
+  }
+
+  /** A reply or error for `id` arrived: true if it answers a pending request. */
+  settle(id) {
+    if (!Number.isInteger(id) || !this.pending.has(id)) return false;
+    this.pending.delete(id);
+    this.written.delete(id);
+    return true;
+  }
+
+  /** Give up on request `id` (it timed out): never send it late. */
+  forget(id) {
+    this.pending.delete(id);
+    this.written.delete(id);
+    if (this.outbox.some((entry) => entry[1] === id)) this.outbox = this.outbox.filter((entry) => entry[1] !== id);
+  }
+
+  // -- the connection's life
+
+  /** A connection opened: returns the outbox to write now, in order (it is emptied). */
+  connected(now) {
+    this.state = "open";
+    this.opened += 1;
+    this.backoff.connected(now);
+    const flush = this.outbox;
+    this.outbox = [];
+    for (const [, id] of flush) this.wrote(id);
+    return flush;
+  }
+
+  /**
+   * The connection ended (or could not open): `[lost, retry]`. `lost` are the requests written
+   * to it, no longer pending; `retry` is `{delay, notBefore}` in seconds, or null when the
+   * session is now closed for good. `code` is null without a close frame; `status` the HTTP
+   * status of a refused handshake (browsers cannot see it: tether.js passes none).
+   */
+  ended(code, reason, now, rand, { status = null } = {}) {
+    const lost = [...this.written].sort((a, b) => a - b);
+    for (const id of lost) this.pending.delete(id);
+    this.written.clear();
+    if (this.state === "closed") return [lost, null];
+    if (REFUSED_STATUSES.has(status) || !shouldReconnect(code, false)) {
+      this.state = "closed";
+      return [lost, null];
+    }
+    this.backoff.maybeReset(now);
+    const notBefore = Math.min(retryAfter(code, reason) ?? 0, this.maxRetryAfter);
+    this.state = "reconnecting";
+    return [lost, Object.freeze({ delay: notBefore + this.backoff.nextDelay(rand), notBefore })];
+  }
+
+  /** Closed for good by the user: returns the requests still pending (all fail). */
+  close() {
+    this.state = "closed";
+    this.outbox = [];
+    const ids = [...this.pending].sort((a, b) => a - b);
+    this.pending.clear();
+    this.written.clear();
+    return ids;
+  }
 }
 
 // ---- Client --------------------------------------------------------------------
