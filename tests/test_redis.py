@@ -8,10 +8,13 @@ member that receives "one" then "two" got no second copy of "one" in between.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
+import time
 from typing import Any, Callable
 
 import pytest
+import redis.asyncio as aioredis
 
 import tether
 from tether.rooms.broker import MemoryBroker
@@ -181,3 +184,197 @@ async def _joiner(conn: tether.Conn) -> Any:
     await conn.join("r", "me")
     await conn.send("joined")
     await conn.wait_closed()
+
+
+# -- RedisBroker fault paths, one broker in this process against a real redis-server ---------
+NODE_A, NODE_B = "aaaaaaaaaaaa", "bbbbbbbbbbbb"
+
+
+class Received:
+    """A broker's ``deliver``: what it got, in order."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, bytes]] = []
+
+    def __call__(self, room: str, data: bytes) -> None:
+        self.got.append((room, data))
+
+    def data(self) -> list[bytes]:
+        return [data for _, data in self.got]
+
+
+async def _started(url: str, node: str, **settings: Any) -> tuple[Any, Received]:
+    from tether.redis_broker import LinkState, RedisBroker
+
+    broker, received = RedisBroker(url, **settings), Received()
+    await broker.start(node, received)
+    assert broker.state is LinkState.UP
+    return broker, received
+
+
+async def _state_is(broker: Any, state: Any, seconds: float = 5) -> None:
+    async def check() -> bool:
+        return bool(broker.state is state)
+
+    await eventually(check, seconds, f"broker {state.name}")
+
+
+async def test_redis_broker_counts_a_batch_lost_in_a_failed_pipeline_as_dropped(redis_server: RedisServer) -> None:
+    from tether.redis_broker import LinkState
+
+    broker, _ = await _started(redis_server.url, NODE_A, command_timeout=30, backoff_cap=0.2)
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with timeout(20):
+            await admin.client_pause(30_000)  # Redis holds every command: the pipeline cannot finish
+            for i in range(3):
+                await broker.publish("r", b"m%d" % i)
+
+            async def taken() -> bool:
+                return not broker._outbox  # the publisher took the batch and waits for its replies
+
+            await eventually(taken, 5, "the publisher takes the batch")
+            redis_server.stop()  # the pipeline fails with the batch in it
+            await _state_is(broker, LinkState.DOWN)
+            assert (broker.published, broker.dropped) == (0, 3)
+            redis_server.start()
+            await _state_is(broker, LinkState.UP, 10)
+    finally:
+        await broker.close()
+        await admin.aclose()
+
+
+class Bug(Exception):
+    """Not a RedisError: what a bug in a callback or in redis-py would raise."""
+
+
+async def test_redis_broker_reconnects_after_an_unexpected_error_and_delivers_again(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tether.redis_broker import LinkState
+
+    a, to_a = await _started(redis_server.url, NODE_A, backoff_cap=0.2)
+    b, _ = await _started(redis_server.url, NODE_B, backoff_cap=0.2)
+    try:
+        async with timeout(20):
+            await a.subscribe("r")
+            await b.subscribe("r")
+            real = a._on_publication
+            failures = []
+
+            def once(channel: bytes, data: bytes) -> None:
+                if not failures:
+                    failures.append(data)
+                    raise Bug("a bug inside the session")
+                real(channel, data)
+
+            monkeypatch.setattr(a, "_on_publication", once)
+            with caplog.at_level(logging.WARNING, logger="tether.redis"):
+                await b.publish("r", b"boom")
+                n = 0
+
+                async def delivered_again() -> bool:
+                    nonlocal n
+                    n += 1
+                    await b.publish("r", b"after-%d" % n)
+                    return any(data.startswith(b"after-") for data in to_a.data())
+
+                await eventually(delivered_again, 10, "A delivers publications again after the unexpected error")
+            assert failures == [b"boom"] and a.state is LinkState.UP
+            lost = [r for r in caplog.records if r.getMessage().startswith("lost Redis")]
+            assert lost and lost[0].levelno == logging.ERROR and lost[0].exc_info is not None
+            assert isinstance(lost[0].exc_info[1], Bug)
+            assert any(r.getMessage().startswith("reconnected to Redis") for r in caplog.records)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _command_calls(admin: Any) -> dict[str, int]:
+    stats = await admin.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()}
+
+
+async def test_redis_broker_heartbeat_only_renews_ttls_and_restores_a_deleted_key(redis_server: RedisServer) -> None:
+    ttl, interval = 2.0, 0.2
+    broker, _ = await _started(redis_server.url, NODE_A, presence_ttl=ttl, heartbeat_interval=interval)
+    admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    rooms = ["r1", "r2", "r3"]
+    expected = {room: {f"{room}.{m}": f'{{"m":{m}}}' for m in range(3)} for room in rooms}
+    try:
+        async with timeout(30):
+            for room, members in expected.items():
+                for member, meta in members.items():
+                    await broker.put_member(room, member, meta.encode())
+
+            async def quiet_heartbeats(seconds: float) -> dict[str, int]:
+                """Reset the counters; return them after ``seconds`` of heartbeats (past the
+                TTL: the keys live on only if the heartbeat renews them)."""
+                await admin.config_resetstat()
+                start = time.monotonic()
+
+                async def enough() -> bool:
+                    calls = await _command_calls(admin)
+                    return time.monotonic() - start > seconds and calls.get("pexpire", 0) >= 2 * len(rooms) * 3
+
+                await eventually(enough, seconds + 5, "heartbeats go on")
+                return await _command_calls(admin)
+
+            calls = await quiet_heartbeats(ttl * 1.2)
+            assert calls.get("hset", 0) == calls.get("del", 0) == calls.get("sadd", 0) == 0, calls
+            for room in rooms:
+                assert await admin.hgetall(f"tether:presence:{room}:{NODE_A}") == expected[room]
+                assert await admin.smembers(f"tether:nodes:{room}") == {NODE_A}
+                assert 0 < await admin.pttl(f"tether:presence:{room}:{NODE_A}") <= ttl * 1000
+
+            # A key gone anyway (evicted, or expired during a long pause) is written again.
+            await admin.delete(f"tether:presence:r2:{NODE_A}", "tether:nodes:r3")
+
+            async def restored() -> bool:
+                return bool(
+                    await admin.hgetall(f"tether:presence:r2:{NODE_A}") == expected["r2"]
+                    and await admin.smembers("tether:nodes:r3") == {NODE_A}
+                )
+
+            await eventually(restored, 5, "the heartbeat rewrites the rooms whose keys were gone")
+            assert 0 < await admin.pttl(f"tether:presence:r2:{NODE_A}") <= ttl * 1000
+            assert 0 < await admin.pttl("tether:nodes:r3") <= ttl * 1000
+            assert await broker.members("r2") == {m: v.encode() for m, v in expected["r2"].items()}
+            calls = await quiet_heartbeats(interval * 4)  # and then quiet again
+            assert calls.get("hset", 0) == calls.get("del", 0) == 0, calls
+    finally:
+        await broker.close()
+        await admin.aclose()
+
+
+async def test_redis_broker_presence_writes_that_failed_reach_redis_later(redis_server: RedisServer) -> None:
+    from tether.redis_broker import LinkState
+
+    broker, _ = await _started(redis_server.url, NODE_A, presence_ttl=2.0, heartbeat_interval=0.2, backoff_cap=0.2)
+    admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    key = f"tether:presence:r:{NODE_A}"
+
+    async def listed(*members: str) -> bool:
+        return bool(sorted(await admin.hkeys(key)) == sorted(members) and NODE_A in await admin.smembers("tether:nodes:r"))
+
+    try:
+        async with timeout(30):
+            await broker.put_member("r", "one", b"1")
+            # A join whose write fails while the session lives on (Redis refuses HSET) ...
+            await admin.acl_setuser("default", enabled=True, reset_keys=False, commands=["-hset"])
+            await broker.put_member("r", "two", b"2")
+            assert await admin.hkeys(key) == ["one"]
+            await admin.acl_setuser("default", enabled=True, reset_keys=False, commands=["+hset"])
+            await eventually(lambda: listed("one", "two"), 5, "the heartbeat rewrites the room whose write failed")
+            # ... and joins and leaves while Redis is away are there once it is back.
+            redis_server.stop()
+            await _state_is(broker, LinkState.DOWN)
+            await broker.put_member("r", "three", b"3")
+            await broker.drop_member("r", "one")
+            redis_server.start()  # empty
+            await admin.aclose()
+            admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+            await eventually(lambda: listed("two", "three"), 10, "presence rewritten after the reconnect")
+    finally:
+        await broker.close()
+        await admin.aclose()

@@ -15,14 +15,20 @@ The only module that imports redis (``pip install 'tether[redis]'``).
   never waits for Redis.
 * **Presence**: one hash per room and process (``<prefix>:presence:<room>:<node>``,
   member id -> JSON meta) plus a set of the processes in the room, all with a TTL of
-  ``presence_ttl`` seconds that a heartbeat every ``heartbeat_interval`` seconds renews by
-  rewriting this process's whole presence. A process that dies stops renewing: its members
-  vanish from every presence list within ``presence_ttl``.
-* **Faults**: if Redis goes away the server keeps serving its own connections (local
-  broadcasts still arrive), logs a warning, and reconnects with exponential backoff and
-  jitter; on reconnect it resubscribes and rewrites its presence (a restarted Redis has
-  none). While Redis is away, broadcasts to and from other processes are dropped (counted
-  in ``dropped``), and presence lists show only this process's members.
+  ``presence_ttl`` seconds. Joins and leaves write their member (HSET, HDEL); a heartbeat
+  every ``heartbeat_interval`` seconds only renews the TTLs (one pipelined PEXPIRE per key).
+  A key the renewal finds gone (evicted, or expired during a long pause) has its room
+  rewritten, as has a room whose write failed; the whole presence is rewritten after each
+  (re)connect. A process that dies stops renewing: its members vanish from every presence
+  list within ``presence_ttl``.
+* **Faults**: every way a session ends (Redis gone, a timeout, or an unexpected error,
+  logged with its traceback) is logged, and the broker reconnects with exponential backoff
+  and jitter; only :meth:`RedisBroker.close` stops it. Meanwhile the server keeps serving its
+  own connections (local broadcasts still arrive). On reconnect it resubscribes and
+  rewrites its presence (a restarted Redis has none). While Redis is away, broadcasts to
+  and from other processes are dropped, and so is a batch of publications in a pipeline
+  that failed (all counted in ``dropped``: unconfirmed means lost, never resent); presence
+  lists show only this process's members.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised by tests with redis hidden
     raise ImportError("tether's Redis broker needs redis-py: pip install 'tether[redis]'") from exc
 
-from ..proto.backoff import backoff_delay
+from ..proto.backoff import Backoff
 from .broker import Broker, Deliver
 
 __all__ = ["RedisBroker", "LinkState"]
@@ -51,6 +57,19 @@ __all__ = ["RedisBroker", "LinkState"]
 logger = logging.getLogger("tether.redis")
 
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+# Drop from a room's node set the nodes whose presence hash is gone, in one step: a node that
+# rewrote its hash between our read and the removal stays listed. KEYS: the node set, then
+# one hash per node of ARGV.
+_DROP_GONE = """
+local removed = 0
+for i, node in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    removed = removed + redis.call('SREM', KEYS[1], node)
+  end
+end
+return removed
+"""
 
 
 class LinkState(enum.Enum):
@@ -68,7 +87,8 @@ class RedisBroker(Broker):
     stay listed, at most) and ``heartbeat_interval`` (must be well below it);
     ``max_outbox`` publications waiting for Redis (oldest dropped beyond);
     ``connect_timeout`` and ``command_timeout`` in seconds; reconnect backoff between
-    ``backoff_base`` and ``backoff_cap`` seconds.
+    ``backoff_base`` and ``backoff_cap`` seconds (it starts again from ``backoff_base`` once
+    a session stayed up ``heartbeat_interval``).
     """
 
     shared = True
@@ -100,7 +120,7 @@ class RedisBroker(Broker):
         self.command_timeout = command_timeout
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.state = LinkState.CONNECTING
-        #: Publications dropped: Redis away, or outbox full.
+        #: Publications dropped: Redis away, outbox full, or lost in a failed pipeline.
         self.dropped = 0
         #: Publications sent and received.
         self.published = 0
@@ -111,16 +131,19 @@ class RedisBroker(Broker):
         self._pubsub: Any = None
         self._rooms: dict[bytes, str] = {}  # channel -> room, rooms we subscribe to
         self._local: dict[str, dict[str, bytes]] = {}  # this node's presence: room -> member -> meta
-        self._synced: set[str] = set()  # rooms whose presence hash we wrote
+        self._synced: set[str] = set()  # rooms whose presence we wrote (keys we may have in Redis)
+        self._dirty: set[str] = set()  # rooms whose presence write failed or waits for the link
+        self._drop_gone: Any = None
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
         self._outbox: deque[tuple[bytes, bytes]] = deque()
         self._wake = asyncio.Event()
-        # Presence writes go one at a time: a heartbeat rewriting a snapshot taken before a
-        # join would otherwise erase that join in Redis.
+        # Presence writes go one at a time: a rewrite of a snapshot taken before a join
+        # would otherwise erase that join in Redis.
         self._presence_lock = asyncio.Lock()
         self._run_task: asyncio.Task[None] | None = None
         self._session_over = False
         self._first: asyncio.Future[None] | None = None
+        self._backoff = Backoff(base=backoff_base, cap=backoff_cap, stable_after=heartbeat_interval)
 
     def __repr__(self) -> str:
         return f"<RedisBroker {_redact(self.url)} {self.state.name}>"
@@ -145,6 +168,7 @@ class RedisBroker(Broker):
             socket_timeout=self.command_timeout,
             retry=Retry(NoBackoff(), 0),  # we reconnect ourselves; never block a caller retrying
         )
+        self._drop_gone = self._client.register_script(_DROP_GONE)
         loop = asyncio.get_running_loop()
         self._first = loop.create_future()
         self._run_task = loop.create_task(self._run())
@@ -160,7 +184,7 @@ class RedisBroker(Broker):
             await asyncio.wait([self._run_task], timeout=self.command_timeout)
         if self._client is None:
             return
-        if was_up and self._synced:
+        if was_up and (self._synced or self._dirty):
             try:
                 await self._withdraw()
             except _ERRORS as exc:
@@ -169,34 +193,58 @@ class RedisBroker(Broker):
 
     async def _withdraw(self) -> None:
         async with self._client.pipeline(transaction=False) as pipe:
-            for room in self._synced:
+            for room in self._synced | self._dirty:
                 pipe.delete(self._hash(room))
                 pipe.srem(self._nodes(room), self._node)
             await pipe.execute()
 
     # -- the connection loop -------------------------------------------------------------
     async def _run(self) -> None:
-        attempt = 0
-        while self.state is not LinkState.CLOSED:
+        """Sessions until :meth:`close`: however one ends, log it, back off, reconnect."""
+        failed = 0  # attempts in a row that never came up
+        while not self._is_closed():
             try:
-                await self._session()
-            except _ERRORS as exc:
-                if self._is_closed():
-                    return
-                if self.state is LinkState.UP:
-                    attempt = 0
-                    logger.warning(
-                        "lost Redis at %s (%s); serving local members only, reconnecting", _redact(self.url), exc or type(exc).__name__
-                    )
-                elif attempt == 0:
-                    logger.warning("cannot reach Redis at %s (%s); retrying", _redact(self.url), exc or type(exc).__name__)
-                self.state = LinkState.DOWN
-            finally:
+                error = await self._attempt()
+            finally:  # CancelledError (close) goes through here and on up
+                was_up = self.state is LinkState.UP
+                if not self._is_closed():
+                    self.state = LinkState.DOWN
                 self._lost()
-            delay = backoff_delay(attempt, random.random(), base=self.backoff_base, cap=self.backoff_cap)
-            attempt += 1
-            logger.debug("reconnecting to Redis in %.2fs (attempt %d)", delay, attempt)
+            if self._is_closed():
+                return
+            self._log_end(error, was_up, failed)
+            failed = 0 if was_up else failed + 1
+            self._backoff.maybe_reset(asyncio.get_running_loop().time())
+            delay = self._backoff.next_delay(random.random())
+            logger.debug("reconnecting to Redis in %.2fs (attempt %d)", delay, self._backoff.attempt)
             await asyncio.sleep(delay)
+
+    async def _attempt(self) -> Exception | None:
+        """One session; returns what ended it. Any exception, not only Redis's: a bug in a
+        callback or an error type redis-py adds must not leave the broker dead."""
+        try:
+            await self._session()
+        except Exception as exc:
+            return exc
+        return None
+
+    def _log_end(self, error: Exception | None, was_up: bool, failed: int) -> None:
+        expected = isinstance(error, _ERRORS)
+        if error is None:
+            why = "the session ended"  # not expected either: its tasks only end by failing
+        elif expected:
+            why = str(error) or type(error).__name__
+        else:
+            why = f"unexpected {type(error).__name__}: {error}"
+        if was_up:
+            message = "lost Redis at %s (%s); serving local members only, reconnecting"
+        elif failed == 0 or not expected:
+            message = "cannot reach Redis at %s (%s); retrying"
+        else:
+            logger.debug("still cannot reach Redis at %s (%s)", _redact(self.url), why)
+            return
+        # An unexpected error is a bug somewhere: keep its traceback.
+        logger.log(logging.WARNING if expected else logging.ERROR, message, _redact(self.url), why, exc_info=None if expected else error)
 
     async def _session(self) -> None:
         """One connection: subscribe, resync presence, then read until the link fails."""
@@ -208,6 +256,7 @@ class RedisBroker(Broker):
             self._pubsub = pubsub
             recovered = self.state is LinkState.DOWN
             self.state = LinkState.UP
+            self._backoff.connected(asyncio.get_running_loop().time())
             missing = set(self._rooms) - set(channels)
             if missing:
                 await pubsub.subscribe(*missing)
@@ -283,29 +332,66 @@ class RedisBroker(Broker):
     async def _heartbeat(self) -> None:
         while not self._session_over:
             await asyncio.sleep(self.heartbeat_interval)
-            await self._sync_presence()
+            async with self._presence_lock:
+                await self._renew()
+
+    async def _renew(self) -> None:
+        """Renew the TTL of this node's presence keys, one pipelined PEXPIRE each; rewrite
+        only the rooms that need it: a key gone (PEXPIRE answered 0), a failed write, or the
+        last member gone (then the keys are removed)."""
+        renew = [room for room in self._synced if room in self._local and room not in self._dirty]
+        if renew:
+            ttl = self._ttl_ms()
+            async with self._client.pipeline(transaction=False) as pipe:
+                for room in renew:
+                    pipe.pexpire(self._hash(room), ttl)
+                    pipe.pexpire(self._nodes(room), ttl)
+                renewed = await pipe.execute()
+            pairs = zip(renewed[::2], renewed[1::2], strict=True)  # (hash, node set): 0 = no such key
+            gone = [room for room, (hash_, nodes) in zip(renew, pairs, strict=True) if not (hash_ and nodes)]
+            if gone:
+                logger.warning("presence keys of %d rooms were gone from Redis (evicted or expired); rewriting them", len(gone))
+                self._dirty.update(gone)
+        stale = self._dirty | (self._local.keys() - self._synced) | (self._synced - self._local.keys())
+        if stale:
+            await self._rewrite(stale)
 
     async def _sync_presence(self) -> None:
         """Rewrite this node's whole presence with a fresh TTL (heals a restarted Redis)."""
         async with self._presence_lock:
-            await self._write_presence()
+            await self._rewrite(self._local.keys() | self._synced | self._dirty)
 
-    async def _write_presence(self) -> None:
-        ttl = int(self.presence_ttl * 1000)
-        rooms = {room: dict(members) for room, members in self._local.items() if members}
-        async with self._client.pipeline(transaction=True) as pipe:
-            for room, members in rooms.items():
-                key = self._hash(room)
-                pipe.delete(key)
-                pipe.hset(key, mapping=members)
-                pipe.pexpire(key, ttl)
-                pipe.sadd(self._nodes(room), self._node)
-                pipe.pexpire(self._nodes(room), ttl)
-            for room in self._synced - rooms.keys():
-                pipe.delete(self._hash(room))
-                pipe.srem(self._nodes(room), self._node)
-            await pipe.execute()
-        self._synced = set(rooms)
+    async def _rewrite(self, rooms: set[str]) -> None:
+        """Write ``rooms``' presence from this node's own record, in one transaction: a room
+        with members gets its hash replaced and this node in its set, a room without has both
+        removed. Call it holding the presence lock."""
+        snapshot = {room: dict(self._local.get(room, {})) for room in rooms}
+        self._dirty -= rooms
+        ttl = self._ttl_ms()
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                for room, members in snapshot.items():
+                    key = self._hash(room)
+                    pipe.delete(key)
+                    if members:
+                        pipe.hset(key, mapping=members)
+                        pipe.pexpire(key, ttl)
+                        pipe.sadd(self._nodes(room), self._node)
+                        pipe.pexpire(self._nodes(room), ttl)
+                    else:
+                        pipe.srem(self._nodes(room), self._node)
+                await pipe.execute()
+        except BaseException:
+            self._dirty |= rooms  # not written: the next heartbeat or session tries again
+            raise
+        for room, members in snapshot.items():
+            if members:
+                self._synced.add(room)
+            else:
+                self._synced.discard(room)
+
+    def _ttl_ms(self) -> int:
+        return int(self.presence_ttl * 1000)
 
     async def _publisher(self) -> None:
         while not self._session_over:
@@ -314,10 +400,14 @@ class RedisBroker(Broker):
             while self._outbox and not self._session_over:
                 batch = list(self._outbox)
                 self._outbox.clear()
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for channel, data in batch:
-                        pipe.publish(channel, data)
-                    await pipe.execute()
+                try:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for channel, data in batch:
+                            pipe.publish(channel, data)
+                        await pipe.execute()
+                except BaseException:
+                    self.dropped += len(batch)  # out of the outbox and unconfirmed: lost, not resent
+                    raise
                 self.published += len(batch)
 
     # -- Broker --------------------------------------------------------------------------
@@ -367,8 +457,11 @@ class RedisBroker(Broker):
     async def _put_member(self, room: str, member: str, meta: bytes) -> None:
         self._local.setdefault(room, {})[member] = meta
         if self.state is not LinkState.UP:
+            # The next session rewrites it all; the heartbeat, if that session's snapshot was
+            # taken before this join.
+            self._dirty.add(room)
             return
-        ttl = int(self.presence_ttl * 1000)
+        ttl = self._ttl_ms()
         try:
             async with self._presence_lock, self._client.pipeline(transaction=True) as pipe:
                 pipe.hset(self._hash(room), member, meta)
@@ -378,6 +471,7 @@ class RedisBroker(Broker):
                 await pipe.execute()
                 self._synced.add(room)
         except _ERRORS as exc:
+            self._dirty.add(room)
             logger.debug("presence write for %r failed (%s); the heartbeat will retry", room, exc)
 
     async def drop_member(self, room: str, member: str) -> None:
@@ -390,11 +484,13 @@ class RedisBroker(Broker):
             if not members:
                 del self._local[room]
         if self.state is not LinkState.UP:
+            self._dirty.add(room)
             return
         try:
             async with self._presence_lock:
                 await self._client.hdel(self._hash(room), member)
         except _ERRORS as exc:
+            self._dirty.add(room)
             logger.debug("presence removal for %r failed (%s); the heartbeat will retry", room, exc)
 
     async def members(self, room: str) -> dict[str, bytes]:
@@ -425,7 +521,8 @@ class RedisBroker(Broker):
             for member, meta in members.items():
                 found[member.decode()] = meta
         if gone:
-            await self._client.srem(self._nodes(room), *gone)
+            keys = [self._nodes(room), *(f"{self.prefix}:presence:{room}:{node.decode()}" for node in gone)]
+            await self._drop_gone(keys=keys, args=gone)
         return found
 
 
