@@ -57,6 +57,7 @@ var (
 	flagK          = flag.Int("k", 1, "requests in flight per connection (echo)")
 	flagN          = flag.Int("n", 1000, "connections (idle) / receivers (bcast)")
 	flagInflight   = flag.Int("inflight", 8, "broadcasts in flight (bcast, throughput phase)")
+	flagLowat      = flag.Int("lowat", 4, "bcast: in the throughput phase a receiver reads once this many broadcasts wait (SO_RCVLOWAT; at most -inflight/2; 1 = every one)")
 	flagR          = flag.Int("r", 1_000_000, "at most this many broadcasts in the throughput phase (bcast)")
 	flagLat        = flag.Int("lat", 30, "broadcasts sent one at a time after the throughput phase (bcast; at most 10 s)")
 	flagWarmup     = flag.Duration("warmup", time.Second, "warm-up before the measured window (echo, bcast)")

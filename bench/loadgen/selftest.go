@@ -152,5 +152,3 @@ func selftestRun(gen string, isSelf bool, addr string, pid int, c, k string) stR
 	return stRow{gen: name, rps: msgs / secs, genUs: f("gen_cpu_s") / msgs * 1e6, genFrac: f("gen_cpu_frac"),
 		srvUs: srv / msgs * 1e6, srvFrac: srv / wall, p50: f("p50_us"), p99: f("p99_us")}
 }
-
-
