@@ -365,3 +365,104 @@ test("client reconnects at once when the page becomes visible", (t) => {
   document.dispatchEvent(new Event("visibilitychange"));
   assert.equal(sockets.length, 2);
 });
+
+test("client caps a 1001 retry_after at maxRetryAfter (default 60 s), wake() included", (t) => {
+  const { client, sockets, events, tick } = setup(t);
+  sockets[0].open();
+  sockets[0].drop(1001, "going away; retry_after=3600");
+  assert.deepEqual(events.at(-1), ["reconnecting", { attempt: 1, delay: 60_250 }]);
+  tick(1000);
+  client.wake(); // skips the backoff, not the (capped) retry_after
+  tick(58_999);
+  assert.equal(sockets.length, 1);
+  tick(1);
+  assert.equal(sockets.length, 2);
+});
+
+test("client maxRetryAfter option lowers the cap", (t) => {
+  const { sockets, events, tick } = setup(t, { maxRetryAfter: 10 });
+  sockets[0].open();
+  sockets[0].drop(1001, "retry_after=30");
+  assert.deepEqual(events.at(-1), ["reconnecting", { attempt: 1, delay: 10_250 }]);
+  tick(10_249);
+  assert.equal(sockets.length, 1);
+  tick(1);
+  assert.equal(sockets.length, 2);
+});
+
+test("client with outboxSize 0 rejects a request sent while not open at once", async (t) => {
+  const { client, sockets, events } = setup(t, { outboxSize: 0 });
+  await assert.rejects(client.request("add", { a: 1 }), named("OutboxOverflow"));
+  client.send("chat", { n: 1 });
+  assert.deepEqual(events.filter(([name]) => name === "outboxoverflow").length, 2);
+  sockets[0].open();
+  assert.deepEqual(sockets[0].sent, []);
+  client.send("chat", { n: 2 }); // open: written at once
+  assert.deepEqual(sockets[0].sent, [{ type: "chat", data: { n: 2 } }]);
+});
+
+test("client final close fails flushed requests as lost and queued ones as closed", async (t) => {
+  const { client, sockets, events } = setup(t);
+  const flushed = client.request("add", { a: 1 });
+  sockets[0].open(); // flushed: written to this socket
+  sockets[0].readyState = 2; // the server's close frame arrived: closing
+  const queued = client.request("add", { a: 2 }); // cannot be written: waits in the outbox
+  assert.deepEqual(sockets[0].sent, [{ type: "add", data: { a: 1 }, id: 1 }]);
+  sockets[0].drop(4001, "auth");
+  await assert.rejects(flushed, named("ConnectionLost"));
+  await assert.rejects(queued, named("ClientClosed"));
+  assert.equal(client.state, "closed");
+  assert.deepEqual(events.at(-1), ["close", { code: 4001, reason: "auth", willReconnect: false }]);
+});
+
+test("client close() rejects written and queued requests with ClientClosed", async (t) => {
+  const { client, sockets } = setup(t);
+  sockets[0].open();
+  const written = client.request("add", { a: 1 });
+  sockets[0].readyState = 2;
+  const queued = client.request("add", { a: 2 });
+  client.close();
+  await assert.rejects(written, named("ClientClosed"));
+  await assert.rejects(queued, named("ClientClosed"));
+});
+
+test("client ignores a second reply and a reply to a timed-out request", async (t) => {
+  const { client, sockets, events, tick } = setup(t);
+  sockets[0].open();
+  const late = client.request("slow", null, { timeout: 100 });
+  tick(100);
+  await assert.rejects(late, named("TimeoutError"));
+  const answered = client.request("add", null);
+  sockets[0].receive({ type: "reply", id: 2, data: "first" });
+  sockets[0].receive({ type: "reply", id: 2, data: "second" });
+  sockets[0].receive({ type: "reply", id: 1, data: "too late" });
+  sockets[0].receive({ type: "reply", id: true, data: "not an id" });
+  assert.equal(await answered, "first");
+  assert.deepEqual(events.filter(([name]) => name === "error"), []);
+  sockets[0].receive({ type: "error", id: 1, data: { code: "x", message: "late error" } });
+  assert.equal(events.at(-1)[1].message, "late error"); // an error matching no request is an event
+});
+
+test("client sends the request ids 1, 2, 3 across reconnects", (t) => {
+  const { client, sockets, tick } = setup(t);
+  client.request("a", null).catch(() => {});
+  sockets[0].open();
+  client.request("b", null).catch(() => {});
+  sockets[0].drop(1006);
+  client.request("c", null).catch(() => {});
+  tick(250);
+  sockets[1].open();
+  assert.deepEqual([...sockets[0].sent, ...sockets[1].sent].map((m) => [m.type, m.id]), [["a", 1], ["b", 2], ["c", 3]]);
+});
+
+test("client fires reconnected on every connection but the first", (t) => {
+  const { sockets, events, tick } = setup(t);
+  sockets[0].drop(1006); // the first attempt failed: the next open is still the first connection
+  tick(250);
+  sockets[1].open();
+  assert.deepEqual(events.filter(([name]) => name === "open" || name === "reconnected"), [["open", null]]);
+  sockets[1].drop(1006);
+  tick(500);
+  sockets[2].open();
+  assert.deepEqual(events.slice(-2), [["open", null], ["reconnected", null]]);
+});

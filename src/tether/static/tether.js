@@ -275,7 +275,9 @@ function reportError(error) {
 }
 
 /**
- * A reconnecting connection to a tether typed app. Create it with {@link connect}.
+ * A reconnecting connection to a tether typed app. Create it with {@link connect}. Its
+ * decisions (outbox, pending requests, when to reconnect) are a {@link Session}'s; this
+ * class owns the socket, the timers and the promises.
  *
  * Events (all `CustomEvent`s, details in tether.d.ts): "open" on every connection,
  * "reconnected" on every one after the first, "close" when a socket closes and once
@@ -284,14 +286,10 @@ function reportError(error) {
  * that match no request, "outboxoverflow" when the outbox drops its oldest message.
  */
 export class TetherClient extends EventTarget {
-  #url; #params; #token; #WebSocket; #outboxSize; #requestTimeout; #backoff;
+  #url; #params; #token; #WebSocket; #requestTimeout; #session;
   #ws = null;
-  #state = "connecting";
-  #everOpened = false;
-  #outbox = []; // envelopes waiting for an open socket, oldest first
   #handlers = new Map(); // type -> Set of handlers
-  #pending = new Map(); // request id -> { resolve, reject, timer, written }
-  #nextId = 1;
+  #requests = new Map(); // request id -> { resolve, reject, timer }; the Session says which are pending
   #reconnectTimer = null;
   #notBefore = 0; // ms timestamp before which a 1001 retry_after forbids reconnecting
   #heartbeat = { interval: null, timeout: null }; // seconds, from the welcome message
@@ -306,21 +304,19 @@ export class TetherClient extends EventTarget {
   /** @param {string | URL} url @param {import("./tether.d.ts").ConnectOptions} [options] */
   constructor(url, options = {}) {
     super();
-    const { params = {}, token = null, outboxSize = 100, requestTimeout = 10000, backoff = {} } = options;
-    if (!(Number.isInteger(outboxSize) && outboxSize >= 0)) throw new RangeError("outboxSize must be an integer >= 0");
+    const { params = {}, token = null, outboxSize = 100, requestTimeout = 10000, backoff = {}, maxRetryAfter = 60 } = options;
+    this.#session = new Session({ outboxSize, backoff: new Backoff(backoff), maxRetryAfter }); // seconds, like Python
     this.#url = new URL(url, globalThis.location?.href); // throws now on a bad URL, not on every retry
     this.#params = typeof params === "function" ? params : () => params;
     this.#token = typeof token === "function" ? token : () => token;
     this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
-    this.#outboxSize = outboxSize;
     this.#requestTimeout = requestTimeout;
-    this.#backoff = new Backoff(backoff);
     if (options.reconnectOnWake ?? true) this.#listenForWake();
     this.#open();
   }
 
   /** "connecting" (first connection) | "open" | "reconnecting" | "closed". */
-  get state() { return this.#state; }
+  get state() { return this.#session.state; }
 
   /** Last measured heartbeat round trip in ms, or null. */
   get latency() { return this.#latency; }
@@ -340,7 +336,7 @@ export class TetherClient extends EventTarget {
    */
   send(type, data) {
     this.#checkNotClosed();
-    this.#enqueue({ type, data });
+    this.#push({ type, data });
   }
 
   /**
@@ -352,19 +348,19 @@ export class TetherClient extends EventTarget {
   request(type, data, { timeout = this.#requestTimeout } = {}) {
     return new Promise((resolve, reject) => {
       this.#checkNotClosed();
-      const id = this.#nextId++;
+      const id = this.#session.requestId();
       const timer = timeout == null ? null : setTimeout(() => {
-        this.#outbox = this.#outbox.filter((message) => message.id !== id); // don't send it late
-        this.#settle(id, namedError("TimeoutError", `request "${type}" timed out after ${timeout} ms`));
+        this.#session.forget(id); // out of the outbox too: never sent late
+        this.#reject([id], () => namedError("TimeoutError", `request "${type}" timed out after ${timeout} ms`));
       }, timeout);
-      this.#pending.set(id, { resolve, reject, timer, written: false });
-      this.#enqueue({ type, data, id });
+      this.#requests.set(id, { resolve, reject, timer });
+      this.#push({ type, data, id });
     });
   }
 
   /** Reconnect now if a retry is waiting (skips the backoff, not a server's retry_after). */
   wake() {
-    if (this.#state !== "reconnecting" || this.#reconnectTimer === null) return;
+    if (this.state !== "reconnecting" || this.#reconnectTimer === null) return;
     clearTimeout(this.#reconnectTimer);
     this.#reconnectTimer = null;
     const wait = this.#notBefore - Date.now();
@@ -374,7 +370,7 @@ export class TetherClient extends EventTarget {
 
   /** Close deliberately: never reconnects; pending requests and the outbox are dropped. */
   close() {
-    if (this.#state === "closed") return;
+    if (this.state === "closed") return;
     this.#drop(1000, "");
     this.#finish(1000, "");
   }
@@ -395,7 +391,7 @@ export class TetherClient extends EventTarget {
   }
 
   #dial(params, token) {
-    if (this.#state === "closed") return;
+    if (this.state === "closed") return;
     const url = new URL(this.#url);
     if (url.protocol === "http:" || url.protocol === "https:") url.protocol = url.protocol === "http:" ? "ws:" : "wss:";
     for (const [key, value] of Object.entries(params ?? {})) {
@@ -422,32 +418,28 @@ export class TetherClient extends EventTarget {
   }
 
   #onOpen() {
-    const reconnected = this.#everOpened;
-    this.#everOpened = true;
-    this.#state = "open";
-    this.#backoff.connected(Date.now() / 1000);
     this.#lastReceived = this.#lastCheck = Date.now();
-    while (this.#outbox.length > 0 && this.#isOpen()) this.#write(this.#outbox.shift());
+    // The session marks the flushed requests written; the socket is OPEN in onopen.
+    for (const [message] of this.#session.connected(Date.now() / 1000)) this.#write(message);
     this.#emit("open");
-    if (reconnected) this.#emit("reconnected");
+    if (this.#session.opened > 1) this.#emit("reconnected");
   }
 
+  /** A socket closed or could not open (`code` null): fail what it lost, then retry or finish. */
   #onClose(code, reason) {
     clearTimeout(this.#checkTimer);
     this.#probes.clear();
-    for (const [id, entry] of this.#pending) {
-      if (entry.written) this.#settle(id, namedError("ConnectionLost", "connection lost before the reply"));
-    }
-    if (this.#state === "closed") return;
-    this.#backoff.maybeReset(Date.now() / 1000);
-    if (!shouldReconnect(code, false)) return this.#finish(code, reason);
-    const notBefore = (retryAfter(code, reason) ?? 0) * 1000;
-    const delay = notBefore + this.#backoff.nextDelay(Math.random()) * 1000;
-    this.#state = "reconnecting";
-    this.#notBefore = Date.now() + notBefore;
+    const wasClosed = this.state === "closed";
+    // A browser never sees the HTTP status of a refused handshake: no `status` to pass.
+    const [lost, retry] = this.#session.ended(code, reason, Date.now() / 1000, Math.random());
+    this.#reject(lost, () => namedError("ConnectionLost", "connection lost before the reply"));
+    if (wasClosed) return;
+    if (retry === null) return this.#finish(code, reason);
+    const delay = retry.delay * 1000;
+    this.#notBefore = Date.now() + retry.notBefore * 1000;
     this.#reconnectTimer = setTimeout(() => this.#retry(), delay);
     this.#emit("close", { code, reason, willReconnect: true });
-    if (this.#state === "reconnecting") this.#emit("reconnecting", { attempt: this.#backoff.attempt, delay });
+    if (this.state === "reconnecting") this.#emit("reconnecting", { attempt: this.#session.backoff.attempt, delay });
   }
 
   #retry() {
@@ -457,12 +449,11 @@ export class TetherClient extends EventTarget {
 
   /** Become closed for good: no timers, no listeners, every pending request rejected. */
   #finish(code, reason) {
-    this.#state = "closed";
+    const ids = this.#session.close(); // the outbox is dropped
     clearTimeout(this.#reconnectTimer);
     clearTimeout(this.#checkTimer);
     for (const [target, name, listener] of this.#wakeListeners) target.removeEventListener(name, listener);
-    this.#outbox = [];
-    for (const id of [...this.#pending.keys()]) this.#settle(id, namedError("ClientClosed", "client closed"));
+    this.#reject(ids, () => namedError("ClientClosed", "client closed"));
     this.#emit("close", { code, reason, willReconnect: false });
   }
 
@@ -487,36 +478,46 @@ export class TetherClient extends EventTarget {
   // -- sending
 
   #checkNotClosed() {
-    if (this.#state === "closed") throw namedError("ClientClosed", "client closed");
+    if (this.state === "closed") throw namedError("ClientClosed", "client closed");
   }
 
   #isOpen() {
-    return this.#state === "open" && this.#ws?.readyState === OPEN;
+    return this.state === "open" && this.#ws?.readyState === OPEN;
   }
 
-  #enqueue(message) {
-    if (this.#isOpen()) return this.#write(message);
-    this.#outbox.push(message);
-    if (this.#outbox.length <= this.#outboxSize) return;
-    const dropped = this.#outbox.shift();
-    if (dropped.id !== undefined) this.#settle(dropped.id, namedError("OutboxOverflow", "dropped from a full outbox"));
-    this.#emit("outboxoverflow", { message: dropped });
+  /** Write `message` now or queue it, as the session says (the envelope is its payload). */
+  #push(message) {
+    const id = message.id ?? null;
+    let [writeNow, dropped] = this.#session.send(message, id);
+    if (writeNow) {
+      if (this.#ws?.readyState === OPEN) {
+        this.#write(message);
+        return this.#session.wrote(id);
+      }
+      dropped = this.#session.queue(message, id); // the socket is closing: wait for the next one
+    }
+    if (dropped === null) return;
+    const [droppedMessage, droppedId] = dropped;
+    if (droppedId !== null) this.#reject([droppedId], () => namedError("OutboxOverflow", "dropped from a full outbox"));
+    this.#emit("outboxoverflow", { message: droppedMessage });
   }
 
   /** The one place that writes to the socket. */
   #write(message) {
     this.#ws.send(JSON.stringify(message));
-    const entry = this.#pending.get(message.id);
-    if (entry) entry.written = true;
   }
 
-  #settle(id, error, data) {
-    const entry = this.#pending.get(id);
-    if (!entry) return;
-    this.#pending.delete(id);
+  /** Reject the promises of `ids` (no longer pending in the session) with `makeError()`. */
+  #reject(ids, makeError) {
+    for (const id of ids) this.#takeRequest(id)?.reject(makeError());
+  }
+
+  #takeRequest(id) {
+    const entry = this.#requests.get(id);
+    if (entry === undefined) return undefined;
+    this.#requests.delete(id);
     clearTimeout(entry.timer);
-    if (error) entry.reject(error);
-    else entry.resolve(data);
+    return entry;
   }
 
   // -- receiving
@@ -533,7 +534,7 @@ export class TetherClient extends EventTarget {
     const data = message.data ?? null;
     switch (message.type) {
       case "welcome": return this.#onWelcome(data);
-      case "reply": return this.#settle(message.id, null, data);
+      case "reply": return this.#onReply(message.id, data);
       case "error": return this.#onError(message.id, data ?? {});
       case "heartbeat": return this.#onHeartbeat(data);
     }
@@ -542,9 +543,13 @@ export class TetherClient extends EventTarget {
     }
   }
 
+  #onReply(id, data) {
+    if (this.#session.settle(id)) this.#takeRequest(id)?.resolve(data);
+  }
+
   #onError(id, { code, message, path }) {
     const error = new ReplyError(code, message, path);
-    if (id != null && this.#pending.has(id)) this.#settle(id, error);
+    if (this.#session.settle(id)) this.#takeRequest(id)?.reject(error);
     else this.#emit("error", error);
   }
 
