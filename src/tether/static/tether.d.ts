@@ -78,6 +78,12 @@ export interface ConnectOptions {
   requestTimeout?: number | null;
   /** Reconnect schedule (full jitter, same as tether.backoff). */
   backoff?: BackoffOptions;
+  /**
+   * Seconds; the most a server's 1001 `retry_after` may delay a reconnect (a larger value is
+   * cut to this, then the backoff delay is added). Same as `tether.Client(max_retry_after=)`.
+   * Default 60.
+   */
+  maxRetryAfter?: number;
   /** Reconnect at once (skipping backoff) on `visibilitychange` to visible and on `online`. Default true. */
   reconnectOnWake?: boolean;
   /** WebSocket class to use. Default `globalThis.WebSocket`. */
@@ -207,3 +213,77 @@ export function liveness(
   options?: { lateSlack?: number },
 ): "ok" | "probe" | "dead";
 export function heartbeatDue(now: number, lastSent: number, interval: number | null): boolean;
+
+// The session core shared with tether.proto.session (seconds): what TetherClient drives.
+
+export interface SessionOptions {
+  /** Entries kept while not open; 0 = none. Default 100. Throws a RangeError unless an integer >= 0. */
+  outboxSize?: number;
+  /** Default `new Backoff()`. */
+  backoff?: Backoff;
+  /** Seconds; cap on a 1001 `retry_after`. Default 60. */
+  maxRetryAfter?: number;
+}
+
+/** An outbox entry: `[payload, request id]`, the id null for a one-way message. */
+export type OutboxEntry<P> = [payload: P, id: number | null];
+
+/** Reconnect after `delay` seconds, and not before `notBefore` seconds even when woken. */
+export interface Retry {
+  readonly delay: number;
+  readonly notBefore: number;
+}
+
+/**
+ * A reconnecting client's bookkeeping with no I/O: the bounded outbox (oldest dropped first),
+ * request ids, the pending requests and which of them were written to the current socket,
+ * and the reconnect decision. A port of tether.proto.session.Session, checked by the same
+ * vectors (tests/vectors/session.json). `P` is the payload type (TetherClient: envelopes).
+ */
+export class Session<P = unknown> {
+  constructor(options?: SessionOptions);
+  readonly state: ClientState;
+  /** Waiting for a connection, oldest first. */
+  readonly outbox: OutboxEntry<P>[];
+  readonly outboxSize: number;
+  /** Request ids waiting for their reply. */
+  readonly pending: Set<number>;
+  /** Of those, the ids written to the current connection. */
+  readonly written: Set<number>;
+  readonly backoff: Backoff;
+  readonly maxRetryAfter: number;
+  /** Connections opened so far. */
+  readonly opened: number;
+  /** A new request id, now pending. */
+  requestId(): number;
+  /**
+   * `[writeNow, dropped]`: write it now (then call `wrote(id)` for a request), or it waits in
+   * the outbox and `dropped` is the entry pushed out to make room. Throws a RangeError once closed.
+   */
+  send(payload: P, id?: number | null): [writeNow: boolean, dropped: OutboxEntry<P> | null];
+  /** Queue a message (also after its write failed); returns the entry dropped, or null. */
+  queue(payload: P, id?: number | null): OutboxEntry<P> | null;
+  /** A request went out on the current connection. */
+  wrote(id: number | null): void;
+  /** A reply/error for `id` arrived: true if it answers a pending request. */
+  settle(id: unknown): boolean;
+  /** Give up on a request (timed out): out of the pending ones and the outbox. */
+  forget(id: number): void;
+  /** A connection opened at `now`: the outbox to write, in order (emptied; requests marked written). */
+  connected(now: number): OutboxEntry<P>[];
+  /**
+   * The connection ended (`code` null: no close frame; `status`: the HTTP status of a refused
+   * handshake, which browsers cannot see). `lost`: requests written to it (no longer pending).
+   * `retry` null: closed for good (after close(), 1008, 4001, 4003, status 401/403); then
+   * `close()` returns the requests still pending.
+   */
+  ended(
+    code: number | null,
+    reason: string,
+    now: number,
+    rand: number,
+    options?: { status?: number | null },
+  ): [lost: number[], retry: Retry | null];
+  /** Closed for good: empties the outbox; returns the requests still pending (all fail). */
+  close(): number[];
+}
