@@ -51,7 +51,8 @@ def check(session: Session, step: dict[str, Any]) -> None:
 
 
 def run(session: Session, step: dict[str, Any]) -> None:
-    op, id, expected = step["op"], step.get("id"), step.get("expected")
+    op, id = step["op"], step.get("id")
+    expected: Any = step.get("expected")
     if op == "request_id":
         assert session.request_id() == expected
     elif op == "send":
@@ -68,7 +69,7 @@ def run(session: Session, step: dict[str, Any]) -> None:
     elif op == "settle":
         assert session.settle(id) is expected
     elif op == "forget":
-        session.forget(id)
+        session.forget(step["id"])
     elif op == "connected":
         assert [list(e) for e in session.connected(step["now"])] == expected
     elif op == "ended":
