@@ -11,7 +11,8 @@
  * the session core (outbox, pending requests, reconnect decisions) are line-by-line ports
  * of tether/proto/backoff.py, tether/proto/keepalive.py and tether/proto/session.py,
  * checked against the same vectors (tests/vectors/*.json). Like there, times in those
- * functions are seconds; the client's own options (requestTimeout) are ms.
+ * functions are seconds, and so are the options passed on to them (backoff, maxRetryAfter);
+ * the client's own times (requestTimeout, event delays, latency) are ms.
  *
  * @module tether
  */
