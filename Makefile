@@ -141,10 +141,13 @@ demo: $(DEMO_STAMP)
 #   make bench         full suite (~35 min): every peer, 3 interleaved runs, writes docs/benchmarks.md
 #                      and docs/benchmarks.png; raw JSON in bench/results/. BENCH_ARGS="--peers a,b" etc.
 #   make bench-quick   a few seconds per peer, report in bench/results/quick/
+#   make bench-selftest  the load generator's own CPU per round trip against a trivial server, the
+#                      generator it replaced alongside (SELFTEST_ARGS="-configs=50x1 -duration=5s" etc.)
+#   make bench-gencost the old generator vs the new against the same peers, same run (BENCH_ARGS too)
 #   make bench-micro   in-process ns/message of decode + dispatch + encode (bench/micro.py; MICRO_ARGS=--quick)
 
 BENCH_STAMP := $(VENV)/.tether-bench-installed
-.PHONY: bench bench-quick bench-micro
+.PHONY: bench bench-quick bench-selftest bench-gencost bench-micro
 
 $(BENCH_STAMP): $(VENV_STAMP)
 	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
@@ -158,6 +161,14 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	command -v go >/dev/null || $(MAKE) deps
 	$(VENV)/bin/python bench/run.py --quick --out bench/results/quick $(BENCH_ARGS)
+
+bench-selftest: $(VENV_STAMP)
+	command -v go >/dev/null || $(MAKE) deps
+	$(VENV)/bin/python bench/run.py --selftest $(SELFTEST_ARGS)
+
+bench-gencost: $(BENCH_STAMP)
+	command -v go >/dev/null || $(MAKE) deps
+	$(VENV)/bin/python bench/run.py --gen-cost $(BENCH_ARGS)
 
 bench-micro: $(VENV_STAMP)
 	$(VENV)/bin/python bench/micro.py $(MICRO_ARGS)

@@ -1151,6 +1151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-cost", action="store_true", help="old generator vs new against the same servers "
                     "(default peers: floor,go-xnet,raw-tcp,tether; configs 50x1,500x1,50x16; 2 runs)")
     ap.add_argument("--old-rev", default=OLD_LOADGEN_REV, help="--gen-cost: the git revision of the old generator")
+    ap.add_argument("--selftest", nargs=argparse.REMAINDER, metavar="LOADGEN_ARGS",
+                    help="build, then run `loadgen -mode=selftest -runs=2 -gen=<the old generator>` (extra "
+                         "arguments go to the generator, e.g. -configs=50x1 -duration=5s)")
     args = ap.parse_args(argv)
     if args.tether_src:
         TETHER_SRC = args.tether_src.resolve()
@@ -1162,6 +1165,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.no_build:
         build(print if not args.quiet else (lambda s: None))
+    if args.selftest is not None:
+        old = build_old_loadgen(args.old_rev)
+        cmd = ["taskset", "-c", LOADGEN_CORE, str(LOADGEN), "-mode=selftest", "-runs=2", f"-gen={old}",
+               *args.selftest]
+        print("$ " + " ".join(os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c for c in cmd), flush=True)
+        return subprocess.run(cmd).returncode
     if args.gen_cost:
         peers = (args.peers or "floor,go-xnet,raw-tcp,tether").split(",")
         return gen_cost(peers, _configs(args.configs or "50x1,500x1,50x16"), args.runs or 2, args.old_rev,

@@ -55,6 +55,7 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
         # the generator's own cost, beside every run
         assert r["gen_us_per_rt"] > 0 and 0 < r["gen_cpu_frac"] <= 1.5
         assert r["allocs"] < 1000  # no allocation per message (a few hundred round trips at least)
+        assert r["slow_checks"] <= r["c"]  # every reply after a connection's first matched its template
     assert echo["tether"]["other"] >= 1  # the welcome message was read and skipped
 
     idle = {t["peer"]: t["result"] for t in tasks if t["kind"] == "idle"}
@@ -69,6 +70,7 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
         assert b["deliveries_per_s"] > 0 and b["deliveries_per_server_cpu_s"] > 0
         assert b["lat_broadcasts"] == raw["mode"]["bcast_lat"] and 0 < b["last_ms_p50"] <= b["last_ms_p99"]
         assert b["gen_us_per_delivery"] > 0
+        assert b["slow_checks"] <= b["receivers"] and b["allocs"] < 1000  # tether's varying "off" included
 
     # every figure has a ratio to tether measured in the same run
     summary = raw["summary"]
@@ -90,7 +92,7 @@ def test_loadgen_selftest_and_checks(tmp_path: Path) -> None:
     proc = subprocess.run([str(loadgen), "-mode=selftest", "-configs=10x1,10x4", "-warmup=0.1s", "-duration=0.3s"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("new ")]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("new ")]  # this generator
     assert len(lines) == 2 and all("generator" in ln and "us/rt" in ln and "ERROR" not in ln for ln in lines)
 
     # a server that replies with the wrong n: the trivial server, asked with a broken frame pool, cannot
@@ -147,6 +149,15 @@ def _build(tmp_path: Path) -> Path:
     subprocess.run(["go", "build", "-o", str(loadgen), "."], cwd=ROOT / "bench" / "loadgen", env=env, check=True,
                    timeout=240)
     return loadgen
+
+
+@pytest.mark.timeout(300)
+def test_loadgen_unit() -> None:
+    """bench/loadgen/frames_test.go: pooled frames unmask to the request, templates, full checks."""
+    env = dict(os.environ, GO111MODULE="off", GOPATH="/usr/share/gocode", GOFLAGS="-count=1")
+    proc = subprocess.run(["go", "test", "."], cwd=ROOT / "bench" / "loadgen", env=env, capture_output=True,
+                          text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def test_loadgen_refuses_non_loopback(tmp_path: Path) -> None:

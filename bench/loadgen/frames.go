@@ -5,8 +5,8 @@ package main
 // which was checked in full (JSON decoded, type, message and n compared).
 //
 // Every number the generator sends (n, and the Socket.IO ack id) has exactly
-// nDigits digits, so a request is a fixed frame with the digits patched in and
-// a reply has the same length and bytes as its template except for them.
+// nDigits digits, so a request is a fixed frame with the digits patched in, and
+// a reply has the bytes of its template except for the digits of numbers.
 
 import (
 	"bytes"
@@ -142,50 +142,94 @@ func parseDigits(b []byte) (uint64, bool) {
 	return v, true
 }
 
-// tmpl: a message as this server writes it; spans are where the number is.
+// tmpl: a message as this server writes it, cut into literal bytes and digit
+// runs. The runs that ended with the number n when it was learned must end with
+// n (the same nDigits digits in each) after the same leading digits (Socket.IO's
+// "43" before the ack id); the other runs may hold any digits (a server's own
+// counters, e.g. tether's room offset "off"); the literals must be equal.
 type tmpl struct {
-	b     []byte
-	spans []int
+	lits [][]byte // len(runs)+1 literal segments around the digit runs
+	isN  []bool   // per digit run: ends with n
+	pre  [][]byte // per n run: the digits before n
+	ok   bool
 }
 
-// match: p has the template's length and bytes outside the spans, and the same
-// digits in every span; returns the number.
+func isDigit(b byte) bool { return b >= '0' && b <= '9' }
+
+func min(a, b int) int {
+	if a < b {
+		return a
+	}
+	return b
+}
+
+// match: p is the template with n (and maybe other numbers) changed; returns n.
 func (t *tmpl) match(p []byte) (uint64, bool) {
-	if len(t.spans) == 0 || len(p) != len(t.b) {
+	if !t.ok {
 		return 0, false
 	}
-	prev := 0
-	for _, s := range t.spans {
-		if !bytes.Equal(p[prev:s], t.b[prev:s]) {
+	pos := 0
+	var n uint64
+	seen := false
+	last := len(t.isN)
+	for i, lit := range t.lits {
+		if len(p)-pos < len(lit) || !bytes.Equal(p[pos:pos+len(lit)], lit) {
 			return 0, false
 		}
-		prev = s + nDigits
+		pos += len(lit)
+		if i == last {
+			break
+		}
+		start := pos
+		for pos < len(p) && isDigit(p[pos]) {
+			pos++
+		}
+		if pos == start {
+			return 0, false
+		}
+		if t.isN[i] {
+			pre := t.pre[i]
+			if pos-start != len(pre)+nDigits || !bytes.Equal(p[start:start+len(pre)], pre) {
+				return 0, false
+			}
+			v, _ := parseDigits(p[start+len(pre) : pos])
+			if seen && v != n {
+				return 0, false
+			}
+			n, seen = v, true
+		}
 	}
-	if !bytes.Equal(p[prev:], t.b[prev:]) {
+	if !seen || pos != len(p) {
 		return 0, false
 	}
-	s0 := t.spans[0]
-	for _, s := range t.spans[1:] {
-		if !bytes.Equal(p[s:s+nDigits], p[s0:s0+nDigits]) {
-			return 0, false
-		}
-	}
-	return parseDigits(p[s0 : s0+nDigits])
+	return n, true
 }
 
 // learn makes p (fully checked, carrying the number v) the template.
 func (t *tmpl) learn(p []byte, v uint64) {
 	var d [nDigits]byte
 	setDigits(&d, v)
-	t.b = append(t.b[:0], p...)
-	t.spans = t.spans[:0]
-	for off := 0; ; {
-		i := bytes.Index(t.b[off:], d[:])
-		if i < 0 {
+	t.lits, t.isN, t.pre, t.ok = t.lits[:0], t.isN[:0], t.pre[:0], false
+	b := append([]byte(nil), p...)
+	pos := 0
+	for {
+		start := pos
+		for pos < len(b) && !isDigit(b[pos]) {
+			pos++
+		}
+		t.lits = append(t.lits, b[start:pos])
+		if pos == len(b) {
 			break
 		}
-		t.spans = append(t.spans, off+i)
-		off += i + nDigits
+		start = pos
+		for pos < len(b) && isDigit(b[pos]) {
+			pos++
+		}
+		run := b[start:pos]
+		isN := bytes.HasSuffix(run, d[:])
+		t.isN = append(t.isN, isN)
+		t.pre = append(t.pre, run[:len(run)-min(len(run), nDigits)])
+		t.ok = t.ok || isN
 	}
 }
 

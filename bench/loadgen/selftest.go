@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -92,10 +93,10 @@ func runSelftest() int {
 
 func printRow(r stRow) {
 	if r.err != "" {
-		fmt.Printf("%-10s %-12s ERROR %s\n", r.gen, r.cfg, r.err)
+		fmt.Printf("%-16s %-12s ERROR %s\n", r.gen, r.cfg, r.err)
 		return
 	}
-	fmt.Printf("%-10s %-12s %9.0f rt/s  generator %5.2f us/rt (%3.0f%% of its core)  server %5.2f us/rt (%3.0f%%)  p50 %6.0f us  p99 %6.0f us\n",
+	fmt.Printf("%-16s %-12s %9.0f rt/s  generator %5.2f us/rt (%3.0f%% of its core)  server %5.2f us/rt (%3.0f%%)  p50 %6.0f us  p99 %6.0f us\n",
 		r.gen, r.cfg, r.rps, r.genUs, r.genFrac*100, r.srvUs, r.srvFrac*100, r.p50, r.p99)
 }
 
@@ -104,7 +105,7 @@ func printRow(r stRow) {
 func selftestRun(gen string, isSelf bool, addr string, pid int, c, k string) stRow {
 	name := "new"
 	if !isSelf {
-		name = "other"
+		name = filepath.Base(gen)
 	}
 	args := []string{gen, "-mode=echo", "-addr=" + addr, "-c=" + c, "-k=" + k,
 		"-warmup=" + flagWarmup.String(), "-duration=" + flagDuration.String()}
