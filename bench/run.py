@@ -794,36 +794,51 @@ def plot(summary: dict[str, Any], mode: Mode, peers: list[str], path: Path) -> N
 
 
 def _gen_cost_lines(tasks: list[Task], mode: Mode) -> list[str]:
-    """The generator's cost next to the servers': medians per setting, the cheapest server (the floor apart)."""
+    """The generator's cost beside the server's, measurement by measurement: it must stay below, so that
+    the server's core fills first (the floor apart: it does what the generator does)."""
     L: list[str] = []
-    rows = []
     settings = [("echo", {"c": c, "k": k}, f"echo C={c:,} K={k}", "rt") for c, k in mode.echo_configs]
     settings += [("bcast", {"n": n}, f"broadcast 1 -> {n:,}", "delivery") for n in mode.bcast]
+    rows = []
     for kind, params, name, unit in settings:
         done = [t for t in tasks if t.kind == kind and t.params == params and t.result
                 and t.result.get(f"gen_us_per_{unit}") and t.result.get(f"server_us_per_{unit}")]
         real = [t for t in done if t.peer != "floor"]
         if not real:
             continue
-        cheapest = min(real, key=lambda t: t.result[f"server_us_per_{unit}"])  # type: ignore[index]
-        floor = [t.result[f"server_us_per_{unit}"] for t in done if t.peer == "floor"]  # type: ignore[index]
-        gens = [t.result[f"gen_us_per_{unit}"] for t in done]  # type: ignore[index]
+
+        def ratio(t: Task, unit: str = unit) -> float:
+            return t.result[f"gen_us_per_{unit}"] / t.result[f"server_us_per_{unit}"]  # type: ignore[index]
+
+        worst = max(real, key=ratio)
         busiest = max(real, key=lambda t: t.result["gen_cpu_frac"])  # type: ignore[index]
-        rows.append((name, unit, statistics.median(gens), max(gens), cheapest, floor, busiest))
-    if rows:
-        L.append("| setting | generator µs per message: median (max) | the cheapest server's µs per message | "
-                 "the floor's | generator's busiest core (with) |")
-        L.append("|---|---|---|---|---|")
-        for name, unit, med, mx, cheapest, floor, busiest in rows:
-            r = cheapest.result
-            L.append(f"| {name} | {med:.2f} ({mx:.2f}) per {unit} | {r[f'server_us_per_{unit}']:.2f} "
-                     f"({PEERS[cheapest.peer].label}; generator {r[f'gen_us_per_{unit}']:.2f}) | "
-                     + (f"{statistics.median(floor):.2f}" if floor else "-")
-                     + f" | {busiest.result['gen_cpu_frac']:.0%} ({PEERS[busiest.peer].label}) |")  # type: ignore[index]
-        L.append("")
-        L.append("At low rates the generator's µs per message is mostly its polling tick (an empty poll sleeps "
-                 "100 µs; a sleep and wake-up costs ~5 µs of CPU on this VM), not work: its share of the core "
-                 "is what shows whether it could limit a server.\n")
+        gens = [t.result[f"gen_us_per_{unit}"] for t in real]  # type: ignore[index]
+        floor = [t for t in done if t.peer == "floor"]
+        rows.append((name, unit, gens, statistics.median(ratio(t) for t in real), worst, ratio(worst), busiest,
+                     floor))
+    if not rows:
+        return L
+    L.append("| setting | generator µs per message, median (min..max) | generator ÷ server, median | ... highest "
+             "(server) | generator's busiest core (server) | the floor: generator / floor µs |")
+    L.append("|---|---|---|---|---|---|")
+    for name, unit, gens, med, worst, wr, busiest, floor in rows:
+        fl = floor[0].result if floor else None
+        L.append(f"| {name} | {statistics.median(gens):.2f} ({min(gens):.2f}..{max(gens):.2f}) per {unit} | "
+                 f"{med:.2f} | {wr:.2f} ({PEERS[worst.peer].label}, run {worst.run + 1}) | "
+                 f"{busiest.result['gen_cpu_frac']:.0%} ({PEERS[busiest.peer].label}) | "  # type: ignore[index]
+                 + (f"{fl[f'gen_us_per_{unit}']:.2f} / {fl[f'server_us_per_{unit}']:.2f}" if fl else "-") + " |")
+    L.append("")
+    over = [t for t in tasks if t.peer != "floor" and t.result and any(
+        t.result.get(f"gen_us_per_{u}") and t.result.get(f"server_us_per_{u}")
+        and t.result[f"gen_us_per_{u}"] >= t.result[f"server_us_per_{u}"] for u in ("rt", "delivery"))]
+    if over:
+        L.append("The generator cost as much as the server or more per message in: "
+                 + ", ".join(t.describe() for t in over) + " (those servers' figures may be bounded by it).\n")
+    else:
+        L.append("Below 1 in every measurement: the generator cost less per message than the server it drove, "
+                 "so the server's core fills before the generator's.\n")
+    L.append("At low rates the generator's µs per message is mostly its polling tick (an empty poll sleeps 100 µs; "
+             "a sleep and wake-up costs ~5 µs of CPU on this VM), not work.\n")
     return L
 
 
@@ -985,10 +1000,10 @@ def render(summary: dict[str, Any], tasks: list[Task], mode: Mode, peers: list[s
     # the generator
     bound = [t for t in tasks if t.result and t.result.get("gen_cpu_frac", 0) > GEN_CPU_LIMIT]
     L.append("## The load generator's cost\n")
-    L.append("The generator reports the CPU it used in the measured window; per message it should stay below the "
-             "cheapest server's, so that the server's core fills first. `bench/.build/loadgen -mode=selftest` "
-             "measures it against the trivial server, and `python bench/run.py --gen-cost` against any peers, "
-             "old generator and new in the same run (bench/README.md).\n")
+    L.append("The generator reports the CPU it used in the measured window; per message it must stay below the "
+             "server's it drives, so that the server's core fills first. `make bench-selftest` measures it against "
+             "the trivial server, `make bench-gencost` against chosen peers, the generator it replaced beside it "
+             "in the same run (bench/README.md).\n")
     L += _gen_cost_lines(tasks, mode)
     L.append(f"{len(bound)} of {sum(1 for t in tasks if t.result)} measurements had the generator over "
              f"{GEN_CPU_LIMIT:.0%} of its core" + (":" if bound else "."))
