@@ -2,7 +2,7 @@
 # and gcc needs nothing else: `make test` installs the rest.
 #
 #   make venv          .venv with tether editable + dev extras (stamp: re-runs when pyproject changes)
-#   make deps          Debian packages the tests use (chromium, redis, Go + x/net + gorilla); apt only
+#   make deps          Debian packages the tests use (chromium, redis, nginx, Go + x/net + gorilla); apt only
 #                      when something is missing
 #   make autobahn-env  Autobahn wstest (Python 2.7 virtualenv) into .tools/, or kosoku as a fallback
 #   make test          everything: node tests, then the whole pytest suite including slow tests
@@ -25,7 +25,7 @@ VENV_STAMP := $(VENV)/.tether-dev-installed
 PYTEST := PYTHONASYNCIODEBUG=1 $(VENV)/bin/pytest -p no:cacheprovider -ra
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-APT_PACKAGES := chromium redis-server golang-go golang-golang-x-net-dev golang-github-gorilla-websocket-dev
+APT_PACKAGES := chromium redis-server nginx golang-go golang-golang-x-net-dev golang-github-gorilla-websocket-dev
 
 # Autobahn testsuite: PyPI's 25.10.1 is Python 2 code; pins from its own requires.txt
 # (see /work/shared/notes/conformance.md).
@@ -57,7 +57,7 @@ deps:
 	for cmd in chromium:chromium redis-server:redis-server golang-go:go; do
 	  command -v "$${cmd#*:}" >/dev/null || missing="$$missing $${cmd%%:*}"
 	done
-	for pkg in golang-golang-x-net-dev golang-github-gorilla-websocket-dev; do
+	for pkg in nginx golang-golang-x-net-dev golang-github-gorilla-websocket-dev; do
 	  dpkg -s "$$pkg" 2>/dev/null | grep -q '^Status: install ok installed' || missing="$$missing $$pkg"
 	done
 	if [ -z "$$missing" ]; then echo "deps: all present"; exit 0; fi

@@ -23,6 +23,7 @@ OWNERS = {
     "picows": "tether.transport.picows",
     "redis": "tether.rooms.redis",
     "multidict": "tether.conn",
+    "prometheus_client": "tether.metrics",
     "starlette": None,  # ASGI is a protocol: tether never imports an ASGI framework
     "uvicorn": None,
 }

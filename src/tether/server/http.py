@@ -1,9 +1,10 @@
 """The plain HTTP side of tether's server: the answers to requests that are not WebSockets.
 
-``/health``, the browser client (``/tether.js``, ``/tether.d.ts``), files under
-``static_dir``, 404 for anything else; and the checks of an upgrade request that the ASGI
-server would otherwise do (426 without ``Upgrade: websocket`` or with a version other than
-13, 431 for oversized headers).
+``/health`` (liveness: the process serves), ``/ready`` (readiness, answered by the server:
+:func:`readiness`), ``/metrics`` (when metrics are on: :func:`metrics_response`), the browser
+client (``/tether.js``, ``/tether.d.ts``), files under ``static_dir``, 404 for anything else;
+and the checks of an upgrade request that the ASGI server would otherwise do (426 without
+``Upgrade: websocket`` or with a version other than 13, 431 for oversized headers).
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from urllib.parse import unquote
 from ..conn import Request
 from ..transport.base import HttpResponse
 
-__all__ = ["MAX_HEADERS", "MAX_HEADER_LINE", "StaticFiles", "check_upgrade", "headers_too_large"]
+__all__ = [
+    "MAX_HEADERS",
+    "MAX_HEADER_LINE",
+    "StaticFiles",
+    "check_upgrade",
+    "headers_too_large",
+    "metrics_response",
+    "readiness",
+]
 
 _CLIENT_FILES = {"/tether.js": "tether.js", "/tether.d.ts": "tether.d.ts"}
 # Request header limits (answered with 431). picows itself answers 400 beyond 128 headers and
@@ -30,6 +39,26 @@ NOT_FOUND = HttpResponse(404, b"404 Not Found\n")
 NOT_WEBSOCKET = HttpResponse(426, b"426 Upgrade Required: this path is a WebSocket endpoint\n", (("Upgrade", "websocket"),))
 # RFC 6455 section 4.2.2: tell the client which version we speak.
 BAD_VERSION = HttpResponse(426, b"426 Upgrade Required: WebSocket version 13 only\n", (("Sec-WebSocket-Version", "13"),))
+
+
+_NO_STORE = ("Cache-Control", "no-store")
+READY = HttpResponse(200, b"ready\n", (_NO_STORE,))
+
+
+def readiness(draining: bool, brokers_up: bool) -> HttpResponse:
+    """``/ready``: 200 while the server takes new connections and reaches its broker; 503
+    from the start of a graceful shutdown (a load balancer stops sending) or while the broker
+    is unreachable, with the reason in the body."""
+    if draining:
+        return HttpResponse(503, b"not ready: draining\n", (_NO_STORE,))
+    if not brokers_up:
+        return HttpResponse(503, b"not ready: broker unreachable\n", (_NO_STORE,))
+    return READY
+
+
+def metrics_response(body: bytes, content_type: str) -> HttpResponse:
+    """``/metrics``: a Prometheus scrape."""
+    return HttpResponse(200, body, (("Content-Type", content_type), _NO_STORE))
 
 
 def headers_too_large(headers: Mapping[str, str]) -> bool:

@@ -13,6 +13,13 @@ After the upgrade (:meth:`Policy.open`) the connection is counted, gets its rate
 and its identity: an **async auth** hook runs first (``None`` closes with 4001), and an
 identity with ``expires_at`` closes the connection with 4002 at that time.
 See docs/security.md.
+
+**Behind a proxy** (``forwarded_allow_ips``, see :mod:`tether.transport.forwarded`): when the
+peer is a trusted proxy, ``X-Forwarded-For``/``Forwarded`` give ``remote_address`` and the
+origin check also accepts the forwarded host (``X-Forwarded-Host``, ``Forwarded: host=``).
+A transport that learns the peer only after the upgrade (picows) has the forwarded host
+confirmed then: an origin that matched only through it, from a peer that is not a trusted
+proxy, is closed with 1008 before the handler runs. See docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from ..auth import SUBPROTOCOL, TOKEN_EXPIRED, UNAUTHORIZED, Auth, subprotocols
 from ..conn import Conn, ConnState, Request
 from ..errors import CloseConnection, ConnectionClosed
 from ..proto.limits import RateLimit, TokenBucket
+from .forwarded import Hop, TrustedProxies, read_headers
 
 __all__ = ["Admitted", "Handler", "HttpResponse", "Policy", "run_handler", "set_identity"]
 
@@ -54,6 +62,10 @@ class Admitted:
 
     identity: Any = None
     subprotocol: str | None = None
+    #: The forwarding headers were already applied (the peer was known before the upgrade).
+    forwarded: bool = False
+    #: The origin matched only the forwarded host of a peer not known yet: confirm it on open.
+    confirm_origin: bool = False
 
 
 FORBIDDEN_ORIGIN = HttpResponse(403, b"403 Forbidden: origin not allowed\n")
@@ -66,7 +78,9 @@ INTERNAL_ERROR = HttpResponse(500, b"500 Internal Server Error\n")
 class Policy:
     """Origin, auth, connection count, rate limit and identity expiry: one place, every transport.
 
-    ``connections`` is the set of connections open under this policy.
+    ``connections`` is the set of connections open under this policy. ``forwarded_allow_ips``
+    (addresses, networks or ``"*"``; None: ignore forwarding headers) are the proxies whose
+    ``X-Forwarded-*``/``Forwarded`` headers are believed.
     """
 
     def __init__(
@@ -76,23 +90,31 @@ class Policy:
         auth: Auth | None = None,
         rate_limit: RateLimit | None = None,
         max_connections: int | None = None,
+        forwarded_allow_ips: str | Iterable[str] | None = None,
     ) -> None:
         self.allowed_origins = None if allowed_origins is None else frozenset(allowed_origins)
         self.auth = auth
         self.rate_limit = rate_limit
         self.max_connections = max_connections
+        self.proxies = TrustedProxies(forwarded_allow_ips) if forwarded_allow_ips is not None else None
         self.connections: set[Conn] = set()
 
     # -- before the upgrade --------------------------------------------------------------
     def admit(self, request: Request) -> Admitted | HttpResponse:
         """Decide on an upgrade request: :class:`Admitted`, or the refusal to answer with."""
-        if not self.origin_allowed(request.headers):
-            return FORBIDDEN_ORIGIN
+        forwarded, confirm = False, False
+        hop: Hop | None = None
+        if self.proxies is not None and request.remote_address is not None:
+            hop, forwarded = self.forward(request), True
+        if not self.origin_allowed(request.headers, hop.host if hop is not None else None):
+            if forwarded or not self._origin_by_proxy(request.headers):
+                return FORBIDDEN_ORIGIN
+            confirm = True
         if self.max_connections is not None and len(self.connections) >= self.max_connections:
             return TOO_MANY
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in subprotocols(request) else None
         if self.auth is None:
-            return Admitted(None, subprotocol)
+            return Admitted(None, subprotocol, forwarded, confirm)
         try:
             identity = self.auth(request)
         except CloseConnection as exc:
@@ -102,22 +124,44 @@ class Policy:
             return INTERNAL_ERROR
         if identity is None:
             return UNAUTHORIZED_RESPONSE
-        return Admitted(identity, subprotocol)
+        return Admitted(identity, subprotocol, forwarded, confirm)
 
-    def origin_allowed(self, headers: Mapping[str, str]) -> bool:
-        """Same-origin by default (RFC 6455 section 10.2); clients that send no Origin pass."""
+    def origin_allowed(self, headers: Mapping[str, str], forwarded_host: str | None = None) -> bool:
+        """Same-origin by default (RFC 6455 section 10.2): the Origin's host is the ``Host``
+        header, or ``forwarded_host`` (a trusted proxy's); clients that send no Origin pass."""
         origin = headers.get("Origin")
         if origin is None:
             return True
         if self.allowed_origins is not None:
             return "*" in self.allowed_origins or origin in self.allowed_origins
-        return urlsplit(origin).netloc.lower() == headers.get("Host", "").lower()
+        netloc = urlsplit(origin).netloc.lower()
+        return netloc == headers.get("Host", "").lower() or (forwarded_host is not None and netloc == forwarded_host.lower())
+
+    def _origin_by_proxy(self, headers: Mapping[str, str]) -> bool:
+        """The origin matches the forwarded host, if the peer (not known yet) is trusted."""
+        host = read_headers(headers)[2] if self.proxies is not None else None
+        return host is not None and self.origin_allowed(headers, host)
+
+    def forward(self, request: Request) -> Hop | None:
+        """Apply a trusted proxy's headers to ``request`` (its ``remote_address`` becomes the
+        client's); returns the hop, or None when the peer is not a trusted proxy."""
+        peer = request.remote_address
+        if self.proxies is None or peer is None:
+            return None
+        hop = self.proxies.resolve(request.headers, peer[0])
+        if hop is not None and hop.client is not None:
+            request.remote_address = hop.client
+        return hop
 
     # -- after the upgrade ---------------------------------------------------------------
     def open(self, conn: Conn, admitted: Admitted, handler: Handler) -> Handler:
         """Put ``conn`` under this policy; returns the handler to run on it."""
         self.connections.add(conn)
         conn.on_close(self.connections.discard)
+        if self.proxies is not None and not admitted.forwarded:
+            hop = self.forward(conn.request)
+            if admitted.confirm_origin and hop is None:
+                return _forbidden_origin
         if self.rate_limit is not None:
             conn.limiter = TokenBucket(self.rate_limit, time.monotonic())
         if inspect.isawaitable(admitted.identity):
@@ -134,6 +178,11 @@ def set_identity(conn: Conn, identity: Any) -> None:
         loop = asyncio.get_running_loop()
         timer = loop.call_later(max(0.0, expires_at - time.time()), conn.start_close, TOKEN_EXPIRED, "token expired")
         conn.on_close(lambda _: timer.cancel())
+
+
+async def _forbidden_origin(conn: Conn) -> None:
+    """The origin matched a forwarded host, but the peer turned out not to be a trusted proxy."""
+    raise CloseConnection(1008, "origin not allowed")
 
 
 def _authenticated(pending: Awaitable[Any], handler: Handler) -> Handler:
