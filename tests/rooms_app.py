@@ -99,6 +99,12 @@ async def blast(conn: tether.Conn, data: Blast) -> int:
     return data.n
 
 
+@app.on("position")
+async def position(conn: tether.Conn, data: Room) -> int:
+    """The offset of the last message of a room (the next broadcast gets this + 1)."""
+    return (await app.hub.position(data.room))[1]
+
+
 @app.on("whoami")
 def whoami(conn: tether.Conn) -> dict[str, Any]:
     return {"pid": os.getpid(), "id": app.hub.member_id(conn)}

@@ -36,7 +36,7 @@ class Member:
     TYPES = ("presence", "state", "signal", "chat")
 
     def __init__(self, url: str) -> None:
-        self.client = tether.Client(url)
+        self.client = tether.Client(url, resume=False)  # the page keeps no session yet: it re-joins (demo.md)
         self.inbox: dict[str, asyncio.Queue[Any]] = defaultdict(asyncio.Queue)
         for type in self.TYPES:
             self.client.on(type, self.inbox[type].put_nowait)

@@ -16,7 +16,7 @@ import pytest
 
 import tether
 from tether.conn import Conn, ConnSettings, make_request
-from tether.proto.envelope import encode_message
+from tether.proto.envelope import encode_message, with_offset
 from tether.proto.frames import OP_BINARY, OP_TEXT, encode_frame, frame_header
 from tether.rooms.hub import pack, unpack
 from tests.conftest import ServerFactory, timeout, url
@@ -47,11 +47,14 @@ def test_frame_header_sets_fin_and_opcode_and_never_masks() -> None:
     assert encode_frame(OP_TEXT, b"hi") == b"\x81\x02hi"
 
 
-def test_broker_message_round_trips_origin_opcode_payload() -> None:
+def test_broker_message_round_trips_origin_opcode_exclude_payload() -> None:
     data = pack("abcdef012345", OP_BINARY, b"\x00payload")
-    assert unpack(data) == ("abcdef012345", OP_BINARY, b"\x00payload")
-    with pytest.raises(ValueError):
-        unpack(b"short")
+    assert unpack(data) == ("abcdef012345", OP_BINARY, "", b"\x00payload")
+    data = pack("abcdef012345", OP_TEXT, b"{}", exclude="session-1")
+    assert unpack(data) == ("abcdef012345", OP_TEXT, "session-1", b"{}")
+    for short in (b"short", b"abcdef012345\x01\x09abc"):
+        with pytest.raises(ValueError):
+            unpack(short)
 
 
 # -- the send queue, with a fake wire --------------------------------------------------------
@@ -191,7 +194,8 @@ async def test_broadcast_reaches_each_member_once_and_skips_excluded(make_server
         assert await peers[0].request("say", {"room": "lobby", "text": "hi", "exclude": True}) == 2
         assert await peers[0].request("say", {"room": "lobby", "text": "all"}) == 3
         for peer in peers[1:]:
-            assert (await peer.event("said")) == {"type": "said", "data": "hi", "room": "lobby"}
+            said = await peer.event("said")
+            assert said == {"type": "said", "data": "hi", "room": "lobby", "off": said["off"]}
         for peer in peers:
             assert (await peer.event("said"))["data"] == "all"
         assert [e for p in peers for e in p.events if e["type"] == "said"] == []
@@ -351,8 +355,15 @@ async def test_two_hubs_on_a_shared_memory_bus_deliver_once_per_member(make_serv
 N_CONNS = 1000
 N_MSGS = 300
 SIZE = 2000
-#: Every "blast" frame has the same size (rooms_app pads the counter), so readers count bytes.
-BLAST_FRAME = len(encode_frame(OP_TEXT, encode_message("blast", {"i": "00000", "body": "x" * SIZE}, room="all")))
+#: Every "blast" frame has the same size but for its offset (rooms_app pads the counter), so
+#: readers count bytes.
+BLAST = encode_message("blast", {"i": "00000", "body": "x" * SIZE}, room="all")
+BLAST_FRAME = len(encode_frame(OP_TEXT, BLAST))
+
+
+def blast_bytes(after: int, n: int) -> int:
+    """Bytes of ``n`` blast frames of room "all" with offsets after ``after``."""
+    return sum(len(encode_frame(OP_TEXT, with_offset(BLAST, offset))) for offset in range(after + 1, after + n + 1))
 
 
 async def _raw_member(port: int, name: str) -> RawWS:
@@ -395,7 +406,8 @@ async def test_slow_consumer_in_room_of_1000_is_capped_and_others_get_everything
             assert await control.request("blast", {"room": "solo", "n": 2000, "size": SIZE}) == 2000
             before = await control.request("stats", {"name": "slow"})
             rss_before = await control.request("rss")
-            readers = [asyncio.ensure_future(_receive_bytes(ws, N_MSGS * BLAST_FRAME)) for ws in fast]
+            head = await control.request("position", {"room": "all"})
+            readers = [asyncio.ensure_future(_receive_bytes(ws, blast_bytes(head, N_MSGS))) for ws in fast]
             loop = asyncio.get_running_loop()
             started = loop.time()
             assert await control.request("blast", {"room": "all", "n": N_MSGS, "size": SIZE}) == N_MSGS

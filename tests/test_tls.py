@@ -122,6 +122,7 @@ async def test_client_over_wss_requests_and_reconnects(server_ctx: ssl.SSLContex
     app = typed_app()
     opened: list[tether.Conn] = []
     app.on_connect(opened.append)
+    app.on_resume(opened.append)
     server = await tether.serve({"/app": app}, "127.0.0.1", 0, ssl=server_ctx)
     async with server:
         reconnected = asyncio.Event()

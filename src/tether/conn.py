@@ -42,6 +42,7 @@ __all__ = [
     "ConnSettings",
     "ConnState",
     "Consumer",
+    "DirectStream",
     "Message",
     "Overflow",
     "Request",
@@ -210,6 +211,13 @@ class Consumer(Protocol):
         """What is running for the connection now (a graceful shutdown lets it finish)."""
 
 
+class DirectStream(Protocol):
+    """A session's direct stream (tether.sessions.Session): numbers and keeps what it sends."""
+
+    def send(self, type: str, data: Any = None, id: int | str | None = None, room: str | None = None) -> None:
+        """Send one direct message to the session's client (kept until it acks it)."""
+
+
 class Rooms(Protocol):
     """The rooms hub a connection joins rooms through (:class:`tether.Hub`)."""
 
@@ -272,6 +280,7 @@ class Conn:
         "latency",
         "limiter",
         "request",
+        "session",
         "state",
     )
 
@@ -301,6 +310,8 @@ class Conn:
         self.hub: Rooms | None = None
         #: Takes messages instead of ``receive()`` (a typed App's dispatcher), or None.
         self.consumer: Consumer | None = None
+        #: The session this connection carries (a typed App's, tether.sessions), or None.
+        self.session: DirectStream | None = None
         #: The message rate limit of this connection (set by the connection policy), or None.
         self.limiter: TokenBucket | None = None
         #: Heartbeat settings ``(interval, timeout)`` in seconds, announced to typed clients.
@@ -443,8 +454,14 @@ class Conn:
         """Send a typed message ``{"type": type, "data": data}`` (see docs/protocol.md).
 
         ``data`` may be a msgspec Struct, a dataclass, a TypedDict or any JSON-able value.
+        With a session (typed apps) it is part of the session's direct stream: it reaches the
+        client even across a reconnect, until the session ends (then ``ConnectionClosed``).
         """
-        self.write(OP_TEXT, encode_message(type, data))
+        session = self.session
+        if session is None:
+            self.write(OP_TEXT, encode_message(type, data))
+        else:
+            session.send(type, data)
         if self._write_paused:
             await self.drain()
 

@@ -27,15 +27,20 @@ The per-connection scheduler is :mod:`tether.app.dispatch`.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..auth import subprotocols
 from ..conn import Conn
 from ..errors import CloseConnection
+from ..proto.envelope import encode_message
+from ..proto.frames import OP_TEXT
 from ..rooms.broker import Broker
 from ..rooms.hub import Hub, Member
+from ..sessions import RESUME_PREFIX, SESSION, Resume, Session, Sessions
 from .dispatch import Dispatcher, Table
 from .registry import RESERVED_TYPES, Route, build_decoder, make_route
 from .rooms import OnJoin, client_routes
@@ -47,17 +52,27 @@ __all__ = ["App", "RESERVED_TYPES"]
 
 logger = logging.getLogger("tether")
 
+_RESUME = Resume()
+
 
 class App:
     """A typed-message application. See the module docstring.
 
     ``broker`` gives the app rooms of its own (else it uses its server's hub);
-    ``max_concurrent`` bounds the ``concurrent=True`` handlers running at once per connection.
+    ``max_concurrent`` bounds the ``concurrent=True`` handlers running at once per connection;
+    ``resume`` sets sessions (tether.sessions: a client that reconnects within the window gets
+    what it missed, in both directions); ``resume=None`` turns them off.
     """
 
-    def __init__(self, *, broker: str | Broker | None = None, max_concurrent: int = 64) -> None:
+    def __init__(self, *, broker: str | Broker | None = None, max_concurrent: int = 64, resume: Resume | None = _RESUME) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
+        #: This app's sessions in this process (None with ``resume=None``).
+        self.sessions = Sessions(resume) if resume is not None else None
+        if self.sessions is not None:
+            self.sessions.on_expiry = self._session_expired
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._on_resume: list[Callable[[Conn], Any]] = []
         self.routes: dict[str, Route] = {}
         # Rooms (docs/rooms.md): our own hub if given a broker, else the server's.
         self._hub: Hub | None = Hub(broker) if broker is not None else None
@@ -100,6 +115,13 @@ class App:
         It may set ``conn.assigns`` or reject with ``raise tether.CloseConnection(4001, ...)``.
         """
         self._on_connect.append(fn)
+        return fn
+
+    def on_resume(self, fn: Callable[[Conn], Any]) -> Callable[[Conn], Any]:
+        """Register a hook run when a client resumes its session on a new connection (instead
+        of the ``on_connect`` hooks, which ran when the session began): ``conn.assigns``,
+        ``conn.identity`` and the rooms are the session's already."""
+        self._on_resume.append(fn)
         return fn
 
     def on_disconnect(self, fn: Callable[[Conn, int, str], Any]) -> Callable[[Conn, int, str], Any]:
@@ -161,19 +183,73 @@ class App:
         table = self.table()
         hub = self.bind_hub(conn.hub) if isinstance(conn.hub, Hub) else self.hub
         conn.hub = hub
+        session: Session | None = None
         try:
-            for hook in self._on_connect:
+            session, resumed, client_ack = self._open_session(conn)
+            for hook in self._on_resume if resumed else self._on_connect:
                 await _maybe_await(hook(conn))
-            interval, timeout = conn.keepalive
-            await conn.emit("welcome", {"heartbeat": {"interval": interval, "timeout": timeout}})
-            await Dispatcher(conn, table).run()
+            self._welcome(conn, session, resumed, client_ack)
+            await Dispatcher(conn, table, session).run()
         except Exception as exc:
             # Close now (as run_handler would), or the disconnect hooks below wait for ever.
             code, reason = (exc.code, exc.reason) if isinstance(exc, CloseConnection) else (1011, "internal error")
             conn.start_close(code, reason)
+            if session is not None and not session.resumed and session.direct.seq == 0:
+                assert self.sessions is not None
+                self.sessions.discard(session)  # refused before it began: nothing to resume
+                session = None
             raise
         finally:
             await self._disconnected(conn)
+            if session is not None and self.sessions is not None:
+                self.sessions.detach(session, conn)
+
+    def _open_session(self, conn: Conn) -> tuple[Session | None, bool, int]:
+        """The connection's session, whether it resumed one, and the client's direct ack.
+
+        Only clients that can resume get a session: they offer the subprotocol ``session``
+        (start one) or ``session.<token>.<ack>`` (resume one; ``ack`` is the last direct
+        message they received). tether.js and tether.Client do; other clients see the plain
+        protocol (no ``seq``, nothing kept for them).
+        """
+        if self.sessions is None:
+            return None, False, 0
+        token, ack, wanted = None, 0, False
+        for offered in subprotocols(conn.request):
+            if offered == SESSION:
+                wanted = True
+            elif offered.startswith(RESUME_PREFIX):
+                wanted = True
+                token, _, count = offered[len(RESUME_PREFIX) :].rpartition(".")
+                ack = int(count) if count.isdigit() else 0
+        if not wanted:
+            return None, False, 0
+        session, resumed = self.sessions.open(conn, token or None)
+        return session, resumed, ack
+
+    def _welcome(self, conn: Conn, session: Session | None, resumed: bool, client_ack: int) -> None:
+        """The welcome (not numbered: it starts every connection), then, for a resumed
+        session, the direct messages the client missed, in order, before anything live."""
+        interval, timeout = conn.keepalive
+        data: dict[str, Any] = {"heartbeat": {"interval": interval, "timeout": timeout}}
+        if session is not None:
+            data["session"] = {
+                "id": session.id,
+                "token": session.token,
+                "resumed": resumed,
+                "ack": session.inbound.last,
+                "window": session.settings.window,
+            }
+        conn.write(OP_TEXT, encode_message("welcome", data))
+        if session is not None and resumed:
+            gap = session.replay(client_ack)
+            if gap is not None:
+                session.send("gap", {"first": gap.first, "last": gap.last, "reason": gap.reason, "epoch": None})
+
+    def _session_expired(self, session: Session) -> None:
+        task = asyncio.get_running_loop().create_task(self.hub.end_session(session))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _disconnected(self, conn: Conn) -> None:
         await conn.wait_closed()

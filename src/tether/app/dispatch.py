@@ -28,9 +28,10 @@ import msgspec
 
 from ..conn import Conn, ConnState, Message
 from ..errors import CloseConnection, ConnectionClosed, ReplyError
-from ..proto.envelope import INTERNAL, RATE_LIMITED, Id, encode_error, encode_message, error_id
+from ..proto.envelope import INTERNAL, RATE_LIMITED, Id, classify_error, encode_message, error_id
 from ..proto.frames import OP_TEXT
-from .registry import Route, classify
+from ..sessions import Session
+from .registry import Heartbeat, Route, classify
 
 try:  # the C function: asyncio.current_task is a Python wrapper around it on 3.11
     from _asyncio import current_task as _current_task  # type: ignore[attr-defined]
@@ -69,11 +70,12 @@ _DISPATCH = object()  # a job for the host task: hand the queued messages over
 class Dispatcher:
     """Serves one connection for an App (see the module docstring)."""
 
-    __slots__ = ("conn", "_table", "_host", "_job", "_job_ready", "_heartbeat_sent", "_busy", "_running", "_suspended")
+    __slots__ = ("conn", "_table", "_session", "_host", "_job", "_job_ready", "_heartbeat_sent", "_busy", "_running", "_suspended")
 
-    def __init__(self, conn: Conn, table: Table) -> None:
+    def __init__(self, conn: Conn, table: Table, session: Session | None = None) -> None:
         self.conn = conn
         self._table = table
+        self._session = session
         self._host: asyncio.Task[Any] | None = None
         self._job: Any = None
         self._job_ready: asyncio.Future[None] | None = None
@@ -146,8 +148,7 @@ class Dispatcher:
 
     def rate_limited(self, message: Message) -> None:
         """An error reply to a message over the rate limit, with its id when it has one."""
-        text = "too many messages: slow down"
-        self._write(encode_error(error_id(message), RATE_LIMITED, text))
+        self._error(error_id(message), RATE_LIMITED, "too many messages: slow down")
 
     def heartbeat(self, now: float) -> None:
         """Nothing was written for an interval: a heartbeat browsers can see (and echo)."""
@@ -164,11 +165,17 @@ class Dispatcher:
         try:
             envelope = table.decoder.decode(message)
         except msgspec.DecodeError as exc:
-            self._write(encode_error(*classify(message, exc, table.known)))
+            self._error(*classify(message, exc, table.known))
             return
+        session = self._session
+        if session is not None:
+            if not session.accept(envelope.seq, envelope.ack):
+                return  # sent again after a resume: handled already (its reply is kept)
+            session.ack_later()
         route = table.by_class.get(envelope.__class__)
         if route is None:
-            self._client_heartbeat(envelope.data)
+            if envelope.__class__ is Heartbeat:
+                self._client_heartbeat(envelope.data)
             return
         if route.concurrent:
             self._spawn(route, envelope.data, envelope.id)
@@ -192,11 +199,26 @@ class Dispatcher:
 
     def _reply(self, result: Any, id: int | str) -> None:
         try:
-            payload = encode_message("reply", result, id)
+            self._send("reply", result, id)
         except (TypeError, msgspec.EncodeError):
             logger.exception("reply of a %r handler cannot be encoded", self.conn.path)
-            payload = encode_error(id, INTERNAL, "internal error")
-        self._write(payload)  # the handler may have closed its connection: nobody to answer
+            self._error(id, INTERNAL, "internal error")
+
+    def _error(self, id: Id, code: str, message: str, path: str | None = None) -> None:
+        self._send("error", classify_error(code, message, path), id)
+
+    def _send(self, type: str, data: Any, id: Id) -> None:
+        """A reply or an error: through the session (numbered, kept until acked, resent after
+        a resume), else straight to the connection. A closed connection is not an error
+        here: the handler may have closed it itself, and then nobody is left to answer."""
+        session = self._session
+        try:
+            if session is None:
+                self.conn.write(OP_TEXT, encode_message(type, data, id))
+            else:
+                session.send(type, data, id)
+        except ConnectionClosed:
+            pass
 
     def _write(self, payload: bytes) -> None:
         try:
@@ -206,14 +228,14 @@ class Dispatcher:
 
     def _failed(self, exc: BaseException, id: Id) -> None:
         if isinstance(exc, ReplyError):
-            self._write(encode_error(id, exc.code, exc.message))
+            self._error(id, exc.code, exc.message)
         elif isinstance(exc, CloseConnection):
             self.conn.start_close(exc.code, exc.reason)
         elif isinstance(exc, ConnectionClosed) and self.conn.state is not ConnState.OPEN:
             pass  # our own connection closed under the handler: nobody to answer
         elif isinstance(exc, Exception):
             logger.error("handler failed on %s", self.conn.path, exc_info=exc)
-            self._write(encode_error(id, INTERNAL, "internal error"))
+            self._error(id, INTERNAL, "internal error")
         else:
             raise exc
 

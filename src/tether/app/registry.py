@@ -18,10 +18,12 @@ import msgspec
 from ..codecs import decode_error
 from ..proto.envelope import BAD_ENVELOPE, BAD_JSON, INVALID_DATA, UNKNOWN_TYPE, Id, peek
 
-__all__ = ["RESERVED_TYPES", "Route", "make_route", "build_decoder", "classify", "Heartbeat"]
+__all__ = ["RESERVED_TYPES", "Route", "make_route", "build_decoder", "classify", "Heartbeat", "Ack"]
 
 #: Message types the framework itself uses (docs/protocol.md); apps cannot register them.
-RESERVED_TYPES = frozenset({"welcome", "reply", "error", "heartbeat", "join", "leave", "presence"})
+RESERVED_TYPES = frozenset(
+    {"welcome", "reply", "error", "heartbeat", "join", "leave", "presence", "resume", "ack", "joined", "left", "gap"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,17 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type"):
 
     data: Any = None
     id: Id = None
+    seq: int | None = None
+    ack: int | None = None
+
+
+class Ack(msgspec.Struct, tag="ack", tag_field="type"):
+    """A client's cumulative ack of the session's direct stream, on its own."""
+
+    data: Any = None
+    id: Id = None
+    seq: int | None = None
+    ack: int | None = None
 
 
 def build_decoder(routes: list[Route]) -> tuple[msgspec.json.Decoder[Any], dict[type, Route]]:
@@ -68,10 +81,11 @@ def build_decoder(routes: list[Route]) -> tuple[msgspec.json.Decoder[Any], dict[
     by_class: dict[type, Route] = {}
     for route in routes:
         data_field = ("data", route.data_type, None) if _accepts_none(route.data_type) else ("data", route.data_type)
-        cls = msgspec.defstruct(f"Envelope_{route.type}", [data_field, ("id", Id, None)], tag=route.type, tag_field="type")
+        fields = [data_field, ("id", Id, None), ("seq", int | None, None), ("ack", int | None, None)]
+        cls = msgspec.defstruct(f"Envelope_{route.type}", fields, tag=route.type, tag_field="type")
         classes.append(cls)
         by_class[cls] = route
-    classes.append(Heartbeat)
+    classes += [Heartbeat, Ack]
     # A union built at runtime from a tuple: `X | Y` has no spelling for that.
     return msgspec.json.Decoder(Union[tuple(classes)]), by_class  # noqa: UP007
 

@@ -18,6 +18,7 @@ from ..conn import Conn
 from ..errors import ReplyError
 from ..proto.envelope import FORBIDDEN, TOO_MANY_ROOMS
 from ..rooms.hub import Hub, Member
+from ..sessions import Session
 
 __all__ = ["OnJoin", "client_routes"]
 
@@ -31,6 +32,17 @@ class JoinRequest(msgspec.Struct):
 
 class RoomRequest(msgspec.Struct):
     room: str
+
+
+class Position(msgspec.Struct):
+    epoch: str | None = None
+    offset: int = 0
+
+
+class ResumeRequest(msgspec.Struct):
+    """What a resuming client received of each room: ``{"rooms": {room: {epoch, offset}}}``."""
+
+    rooms: dict[str, Position] = {}
 
 
 def client_routes(on_join: list[OnJoin], hub_of: Callable[[Conn], Hub]) -> dict[str, Callable[..., Any]]:
@@ -53,7 +65,8 @@ def client_routes(on_join: list[OnJoin], hub_of: Callable[[Conn], Hub]) -> dict[
             if verdict is not True:
                 meta = verdict
         await conn.join(data.room, meta)
-        return {"room": data.room, "id": hub.member_id(conn), "presence": await hub.presence(data.room)}
+        epoch, offset = await hub.position(data.room)
+        return {"room": data.room, "id": hub.member_id(conn), "presence": await hub.presence(data.room), "epoch": epoch, "offset": offset}
 
     async def leave(conn: Conn, data: RoomRequest) -> None:
         await conn.leave(data.room)
@@ -63,4 +76,9 @@ def client_routes(on_join: list[OnJoin], hub_of: Callable[[Conn], Hub]) -> dict[
             raise ReplyError(FORBIDDEN, f"join {data.room!r} first")
         return await hub_of(conn).presence(data.room)
 
-    return {"join": join, "leave": leave, "presence": presence}
+    async def resume(conn: Conn, data: ResumeRequest) -> None:
+        """A resumed session's rooms: back in each, with what it missed replayed first."""
+        if isinstance(conn.session, Session):
+            await hub_of(conn).resume(conn, {room: (p.epoch, p.offset) for room, p in data.rooms.items()})
+
+    return {"join": join, "leave": leave, "presence": presence, "resume": resume}

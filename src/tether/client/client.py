@@ -42,7 +42,8 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import msgspec
 
-from ..conn import Conn
+from ..auth import SUBPROTOCOL
+from ..conn import Conn, ConnState
 from ..errors import ClientClosed, ConnectionClosed, ConnectionLost, InvalidHandshake, OutboxOverflow, ReplyError
 from ..proto.backoff import Backoff
 from ..proto.envelope import Envelope, decode, encode_message
@@ -77,6 +78,12 @@ class Drained:
                 pass  # it dropped while we waited: nothing more to wait for
 
 
+def _is_welcome(message: str | bytes) -> bool:
+    """Cheaply: whether a message is the welcome (it comes once per connection)."""
+    head = message[:24]
+    return ('"welcome"' in head) if isinstance(head, str) else (b'"welcome"' in head)
+
+
 def _takes_room(handler: Callable[..., Any]) -> bool:
     """Whether ``handler`` accepts ``(data, room)``."""
     try:
@@ -106,12 +113,16 @@ class Client:
         request_timeout: float | None = 10.0,
         backoff: Backoff | None = None,
         max_retry_after: float = 60.0,
+        resume: bool = True,
+        ack_delay: float = 1.0,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         **connect_kwargs: Any,
     ) -> None:
         self.url = url
-        self._session = Session(outbox_size=outbox_size, backoff=backoff or Backoff(), max_retry_after=max_retry_after)
+        self._session = Session(outbox_size=outbox_size, backoff=backoff or Backoff(), max_retry_after=max_retry_after, resume=resume)
+        self._ack_delay = ack_delay
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._params = params
         self._headers = headers
         self._connect_kwargs = dict(connect_kwargs, ping_interval=ping_interval, ping_timeout=ping_timeout)
@@ -161,9 +172,15 @@ class Client:
         return lambda: self._handlers[type].remove(entry)
 
     def add_listener(self, event: str, fn: Callable[..., Any]) -> None:
-        """Events: ``open``, ``reconnected``, ``close(code, reason)``, ``reconnecting(attempt, delay)``,
-        ``outboxoverflow()`` (the outbox dropped its oldest message), ``error(exc)`` (a
-        connection attempt failed unexpectedly, e.g. ``params`` raised; the client retries)."""
+        """Events: ``open`` (the welcome arrived: sending works), ``reconnected``,
+        ``close(code, reason)``, ``reconnecting(attempt, delay)``, ``outboxoverflow()`` (the
+        outbox dropped its oldest message), ``error(exc)`` (a connection attempt failed
+        unexpectedly, e.g. ``params`` raised; the client retries), and with sessions
+        ``resumed(resumed, lost_messages)`` after each reconnect (``False``: a new session;
+        requests in flight failed with ConnectionLost and ``lost_messages`` one-way ones may
+        not have arrived) and ``gap(room, first, last, reason)`` (messages that will never
+        come; ``room`` None for the direct stream; reason ``session`` when a new session
+        replaced the old one: join the room again)."""
         self._listeners.setdefault(event, []).append(fn)
 
     def send(self, type: str, data: Any = None) -> Drained:
@@ -277,7 +294,7 @@ class Client:
     async def _connect_once(self) -> tuple[int | None, str, int | None]:
         """One connection, from opening to closing: ``(close code, reason, refusal status)``."""
         try:
-            conn = await connect(await self._url(), headers=self._headers, **self._connect_kwargs)
+            conn = await connect(await self._url(), headers=self._handshake_headers(), **self._connect_kwargs)
         except InvalidHandshake as exc:
             return None, str(exc), exc.status or None
         except (TimeoutError, OSError) as exc:
@@ -293,20 +310,61 @@ class Client:
             await conn.close()
             return 1000, "", None
         self._conn = conn
-        for payload, _ in self._session.connected(time.monotonic()):
-            conn.write(OP_TEXT, payload)
-        self._emit("open")
-        if self._session.opened > 1:
-            self._emit("reconnected")
-        self._notify()
+        early: list[str | bytes] | None = []  # what came before the welcome, handled after it
         try:
             async for message in conn:
-                self._dispatch(message)
+                if early is None:
+                    self._dispatch(conn, message)
+                elif _is_welcome(message):
+                    self._dispatch(conn, message)
+                    for previous in early:
+                        self._dispatch(conn, previous)
+                    early = None
+                else:
+                    early.append(message)
         except ConnectionClosed:
             pass
         self._conn = None
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         self._emit("close", conn.close_code, conn.close_reason)
         return conn.close_code, conn.close_reason, None
+
+    def _handshake_headers(self) -> Mapping[str, str] | None:
+        offer = self._session.offer()
+        if offer is None:
+            return self._headers
+        return {**(self._headers or {}), "Sec-WebSocket-Protocol": f"{SUBPROTOCOL}, {offer}"}
+
+    def _welcome(self, conn: Conn, data: Any) -> None:
+        """The server's welcome: resume the streams (or learn they are gone), then open."""
+        session = self._session
+        welcome = session.welcomed(data.get("session") if isinstance(data, dict) else None)
+        try:
+            if welcome.resumed:
+                conn.write(OP_TEXT, encode_message("resume", {"rooms": session.positions()}))
+                for payload in welcome.resend:
+                    conn.write(OP_TEXT, payload)
+            self._fail(welcome.lost, ConnectionLost("the session could not be resumed: the request may or may not have run"))
+            for room in welcome.rooms_lost:
+                self._emit("gap", room, 0, 0, "session")
+            if session.opened and session.resume:
+                self._emit("resumed", welcome.resumed, welcome.lost_messages)
+            flush = session.connected(time.monotonic())
+            for index, (payload, id) in enumerate(flush):
+                try:
+                    conn.write(OP_TEXT, session.wrote(id, payload))
+                except ConnectionClosed:  # it closed under us: the rest waits for the next one
+                    for entry in flush[index + 1 :]:
+                        session.queue(*entry)
+                    raise
+        except ConnectionClosed:
+            return
+        self._emit("open")
+        if session.opened > 1:
+            self._emit("reconnected")
+        self._notify()
 
     async def _url(self) -> str:
         if self._params is None:
@@ -319,18 +377,40 @@ class Client:
         return urlunsplit(parts._replace(query=query))
 
     # -- messages ------------------------------------------------------------------------
-    def _dispatch(self, message: str | bytes) -> None:
+    def _dispatch(self, conn: Conn, message: str | bytes) -> None:
         try:
             incoming = decode(message)
         except msgspec.DecodeError:
             logger.warning("ignoring a message that is not a tether envelope")
             return
+        session = self._session
+        if incoming.seq is not None:
+            if not session.received(incoming.seq):
+                return  # replayed after a resume, and seen already
+            self._ack_later()
+        session.acked(incoming.ack)
         kind = incoming.type
+        if incoming.room is not None and incoming.seq is None and not session.room_message(incoming.room, incoming.off):
+            return  # a room message received already (a replay overlapping live traffic)
         if kind == "reply" or (kind == "error" and incoming.id is not None):
             self._settle(incoming)
         elif kind == "heartbeat":
-            self._push(encode_message("heartbeat", incoming.data), None)
-        elif kind != "welcome":
+            try:  # answered on this connection only: a late answer means nothing
+                conn.write(OP_TEXT, encode_message("heartbeat", incoming.data))
+            except ConnectionClosed:
+                pass
+        elif kind == "welcome":
+            self._welcome(conn, incoming.data)
+        elif kind == "joined" and incoming.room is not None and isinstance(incoming.data, dict):
+            session.joined(incoming.room, incoming.data.get("epoch"), int(incoming.data.get("offset") or 0))
+        elif kind == "left" and incoming.room is not None:
+            session.left(incoming.room)
+        elif kind == "gap" and isinstance(incoming.data, dict):
+            data = incoming.data
+            if incoming.room is not None:
+                session.room_gap(incoming.room, int(data.get("last") or 0), data.get("epoch"))
+            self._emit("gap", incoming.room, data.get("first"), data.get("last"), data.get("reason"))
+        elif kind != "ack":
             for handler, takes_room in list(self._handlers.get(kind, ())):
                 try:
                     result = handler(incoming.data, incoming.room) if takes_room else handler(incoming.data)
@@ -369,19 +449,28 @@ class Client:
         write_now, dropped = self._session.send(payload, id)
         conn = self._conn
         if write_now:
-            try:
-                assert conn is not None
-                conn.write(OP_TEXT, payload)
-            except ConnectionClosed:  # going away: it waits for the next connection
-                dropped = self._session.queue(payload, id)
-            else:
-                self._session.wrote(id)
+            assert conn is not None
+            if conn.state is ConnState.OPEN:
+                conn.write(OP_TEXT, self._session.wrote(id, payload))
                 return conn
+            dropped = self._session.queue(payload, id)  # going away: it waits for the next one
         if dropped is not None:
             if dropped[1] is not None:
                 self._fail([dropped[1]], OutboxOverflow("dropped from the full outbox"))
             self._emit("outboxoverflow")
         return None
+
+    def _ack_later(self) -> None:
+        """A direct message arrived: ack it within ack_delay if nothing we send carries it."""
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(self._ack_delay, self._send_ack)
+
+    def _send_ack(self) -> None:
+        self._ack_timer = None
+        conn = self._conn
+        ack = self._session.ack_due() if conn is not None and conn.state is ConnState.OPEN else None
+        if conn is not None and ack is not None:
+            conn.write(OP_TEXT, encode_message("ack", None, ack=ack))
 
     # -- plumbing ------------------------------------------------------------------------
     def _fail(self, ids: list[int], exc: Exception) -> None:

@@ -1,8 +1,10 @@
-"""The envelope of typed apps, ``{"type", "data", "id", "room"}``: one struct, pure encode/decode.
+"""The envelope of typed apps: one struct, pure encode/decode.
 
 ``type`` routes the message; ``data`` is its payload; ``id`` (a request's) is echoed in its one
-``reply`` or ``error``; ``room`` names the room a broadcast went to. Fields left at their
-defaults are not written. See docs/protocol.md. Decoders are built once, never per message.
+``reply`` or ``error``; ``room`` names the room a broadcast went to and ``off`` its offset in
+that room's stream; ``seq`` numbers the messages of a session's direct streams and ``ack``
+acknowledges the other side's (docs/protocol.md, "Sessions and resume"). Fields left at
+their defaults are not written. Decoders are built once, never per message.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ __all__ = [
     "decode",
     "encode",
     "encode_error",
+    "classify_error",
     "encode_message",
+    "with_offset",
     "error_id",
     "BAD_JSON",
     "BAD_ENVELOPE",
@@ -49,6 +53,9 @@ class Envelope(msgspec.Struct, frozen=True, omit_defaults=True):
     data: Any = None
     id: int | str | None = None
     room: str | None = None
+    off: int | None = None
+    seq: int | None = None
+    ack: int | None = None
 
 
 _encoder = msgspec.json.Encoder()
@@ -57,17 +64,28 @@ encode = _encoder.encode
 decode = msgspec.json.Decoder(Envelope).decode
 
 
-def encode_message(type: str, data: Any = None, id: Id = None, room: str | None = None) -> bytes:
+def encode_message(type: str, data: Any = None, id: Id = None, room: str | None = None, *, seq: int | None = None, ack: int | None = None) -> bytes:
     """The JSON bytes of one envelope."""
-    return _encoder.encode(Envelope(type, data, id, room))
+    return _encoder.encode(Envelope(type, data, id, room, None, seq, ack))
+
+
+def with_offset(payload: bytes, offset: int) -> bytes:
+    """A room message's JSON with ``"off": offset`` added (the offset is known only once the
+    broker has placed the message in the room's stream; the rest is encoded once)."""
+    return b"%s,\"off\":%d}" % (payload[:-1], offset)
+
+
+def classify_error(code: str, message: str, path: str | None = None) -> dict[str, Any]:
+    """The ``data`` of an ``error`` envelope."""
+    data: dict[str, Any] = {"code": code, "message": message}
+    if path is not None:
+        data["path"] = path
+    return data
 
 
 def encode_error(id: Id, code: str, message: str, path: str | None = None) -> bytes:
     """An ``error`` envelope (answering request ``id``, if not None)."""
-    data: dict[str, Any] = {"code": code, "message": message}
-    if path is not None:
-        data["path"] = path
-    return _encoder.encode(Envelope("error", data, id))
+    return _encoder.encode(Envelope("error", classify_error(code, message, path), id))
 
 
 class _Loose(msgspec.Struct):

@@ -14,8 +14,21 @@ timers and futures; this object decides:
   (1008, 4001, 4003); full-jitter backoff (:mod:`tether.proto.backoff`) plus a server's 1001
   ``retry_after``, capped at ``max_retry_after`` seconds.
 
+With ``resume=True`` (sessions, docs/protocol.md "Sessions and resume") it also keeps the
+client's side of both streams:
+
+- **to the server**: each message written gets the next ``seq`` (spliced into its JSON with
+  the current direct ``ack``) and is kept until the server acks it; after a resume only the
+  unacked tail is written again, in order; after a failed resume (``resumed: false``) the
+  requests among them are lost (the driver fails them) and the count of one-way ones is
+  reported;
+- **from the server**: the last direct ``seq`` received (duplicates after a resume are
+  dropped) and the ack owed for it; per room the ``(epoch, offset)`` received, so a resume
+  asks for exactly what is missing and a duplicate or a hole is seen.
+
 Times are seconds on a monotonic clock, ``rand`` a uniform number in [0, 1): both passed in.
-Payloads are opaque (bytes in Python, strings in the vectors and in JavaScript).
+Payloads are opaque (bytes in Python, strings in the vectors and in JavaScript), except that
+with ``resume=True`` a payload is a JSON object (its last character is ``}``).
 """
 
 from __future__ import annotations
@@ -25,8 +38,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .backoff import Backoff, retry_after, should_reconnect
+from .resume import RoomCursor
 
-__all__ = ["Session", "State", "Retry", "REFUSED_STATUSES"]
+__all__ = ["Session", "State", "Retry", "Welcome", "REFUSED_STATUSES"]
 
 State = Literal["connecting", "open", "reconnecting", "closed"]
 
@@ -42,14 +56,48 @@ class Retry:
     not_before: float
 
 
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """What a welcome means for the client's streams (:meth:`Session.welcomed`).
+
+    ``resumed``: the server continued the session (write a ``resume`` message with
+    :meth:`Session.positions` first, then ``resend``: the unacked messages, in order).
+    Otherwise what was unacked is gone with the old session: ``lost`` request ids (fail
+    them), ``lost_messages`` one-way messages, and the rooms it was in (``rooms_lost``).
+    """
+
+    resumed: bool
+    resend: list[Any]
+    lost: list[int]
+    lost_messages: int
+    rooms_lost: list[str]
+
+
 class Session:
     """The state of one reconnecting client (see the module docstring)."""
 
-    __slots__ = ("state", "outbox", "outbox_size", "pending", "written", "backoff", "max_retry_after", "opened", "_next_id")
+    __slots__ = (
+        "state", "outbox", "outbox_size", "pending", "written", "backoff", "max_retry_after", "opened", "_next_id",
+        "resume", "token", "session_id", "seq", "unacked", "direct", "direct_acked", "rooms",
+    )
 
-    def __init__(self, *, outbox_size: int = 100, backoff: Backoff | None = None, max_retry_after: float = 60.0) -> None:
+    def __init__(self, *, outbox_size: int = 100, backoff: Backoff | None = None, max_retry_after: float = 60.0, resume: bool = False) -> None:
         if outbox_size < 0:
             raise ValueError("outbox_size must be >= 0")
+        #: Whether the client keeps a session (numbers its messages, resumes after a reconnect).
+        self.resume = resume
+        #: The session's private token (offer ``session.<token>.<direct>`` to resume) and id.
+        self.token: str | None = None
+        self.session_id: str | None = None
+        #: The last seq given to a message written to the server.
+        self.seq = 0
+        #: ``(seq, payload, id)`` written and not acked by the server yet, oldest first.
+        self.unacked: deque[tuple[int, Any, int | None]] = deque()
+        #: The last direct seq received from the server, and the last one acked to it.
+        self.direct = 0
+        self.direct_acked = 0
+        #: Rooms the server put the session in: what of each was received.
+        self.rooms: dict[str, RoomCursor] = {}
         self.state: State = "connecting"
         #: ``(payload, id)`` waiting for a connection, oldest first; ``id`` None for one-way.
         self.outbox: deque[tuple[Any, int | None]] = deque()
@@ -97,10 +145,102 @@ class Session:
             return dropped
         return None
 
-    def wrote(self, id: int | None) -> None:
-        """A request went out on the current connection."""
+    def wrote(self, id: int | None, payload: Any = None) -> Any:
+        """A message goes out on the current connection: returns the payload to write.
+
+        In a session the payload gets the next ``seq`` (and the direct ``ack`` owed, if any)
+        and is kept until the server acks it.
+        """
         if id is not None and id in self.pending:
             self.written.add(id)
+        if self.token is None or payload is None:  # no session (yet, or the server keeps none)
+            return payload
+        self.seq += 1
+        ack = self.ack_due()
+        tail = f',"seq":{self.seq}' + ("" if ack is None else f',"ack":{ack}') + "}"
+        payload = payload[:-1] + (tail.encode() if isinstance(payload, bytes) else tail)
+        self.unacked.append((self.seq, payload, id))
+        return payload
+
+    # -- the streams (resume) --------------------------------------------------------------
+    def acked(self, seq: int | None) -> None:
+        """The server accepted every message up to ``seq``: forget them."""
+        if seq is None:
+            return
+        unacked = self.unacked
+        while unacked and unacked[0][0] <= seq:
+            unacked.popleft()
+
+    def received(self, seq: int | None) -> bool:
+        """A direct message from the server: False if it is a duplicate (drop it)."""
+        if seq is None:
+            return True
+        if seq <= self.direct:
+            return False
+        self.direct = seq
+        return True
+
+    def ack_due(self) -> int | None:
+        """The direct ack to send now (piggy-backed, or on its own), or None if none is owed."""
+        if self.direct == self.direct_acked:
+            return None
+        self.direct_acked = self.direct
+        return self.direct
+
+    def joined(self, room: str, epoch: str | None, offset: int) -> None:
+        """The server put the session in ``room`` at ``(epoch, offset)``."""
+        cursor = self.rooms.get(room)
+        if cursor is None or cursor.epoch != epoch or cursor.offset < offset:
+            self.rooms[room] = RoomCursor(epoch, offset)
+
+    def left(self, room: str) -> None:
+        self.rooms.pop(room, None)
+
+    def room_message(self, room: str, offset: int | None) -> bool:
+        """A room message: True to deliver it, False if it was received already (a replay
+        that overlaps what came live)."""
+        cursor = self.rooms.get(room)
+        return True if cursor is None else cursor.receive(offset)
+
+    def room_gap(self, room: str, last: int, epoch: str | None) -> None:
+        """The server says offsets up to ``last`` (of ``epoch``) will never come: move on."""
+        cursor = self.rooms.get(room)
+        if cursor is not None:
+            cursor.epoch = epoch
+            cursor.offset = max(cursor.offset, last) if cursor.epoch == epoch else last
+
+    def positions(self) -> dict[str, dict[str, Any]]:
+        """The ``data.rooms`` of a ``resume`` message: what of each room was received."""
+        return {room: {"epoch": c.epoch, "offset": c.offset} for room, c in self.rooms.items()}
+
+    def offer(self) -> str | None:
+        """The subprotocol entry to offer: ``session`` (start one), ``session.<token>.<direct>``
+        (resume it), or None without ``resume``."""
+        if not self.resume:
+            return None
+        return "session" if self.token is None else f"session.{self.token}.{self.direct}"
+
+    def welcomed(self, info: Any) -> Welcome:
+        """The welcome's ``session`` (None: the server keeps no sessions for us)."""
+        if not self.resume or not isinstance(info, dict):
+            return Welcome(False, [], [], 0, [])
+        had = self.token is not None
+        resumed = bool(info.get("resumed")) and had
+        self.token, self.session_id = info.get("token"), info.get("id")
+        if resumed:
+            self.acked(info.get("ack"))
+            return Welcome(True, [payload for _, payload, _ in self.unacked], [], 0, [])
+        # A new session: what the old one had in flight is gone with it. (Messages the server
+        # sent before its welcome are the new session's: the driver handles them only now.)
+        lost = [id for _, _, id in self.unacked if id is not None and id in self.pending]
+        messages = sum(1 for _, _, id in self.unacked if id is None)
+        self.pending.difference_update(lost)
+        self.written.difference_update(lost)
+        rooms = sorted(self.rooms)
+        self.unacked.clear()
+        self.rooms.clear()
+        self.seq = self.direct = self.direct_acked = 0
+        return Welcome(False, [], lost, messages, rooms)
 
     def settle(self, id: Any) -> bool:
         """A reply or error for ``id`` arrived: True if it answers a pending request."""
@@ -132,11 +272,12 @@ class Session:
     def ended(self, code: int | None, reason: str, now: float, rand: float, *, status: int | None = None) -> tuple[list[int], Retry | None]:
         """The connection ended (or could not open): ``(lost, retry)``.
 
-        ``lost`` are the requests written to it, no longer pending. ``retry`` is None when
-        the client is now closed for good. ``code`` is the close code (None: no close frame);
-        ``status`` the HTTP status of a refused handshake.
+        ``lost`` are the requests written to it, no longer pending (with a session they stay
+        pending: the resume decides). ``retry`` is None when the client is now closed for
+        good. ``code`` is the close code (None: no close frame); ``status`` the HTTP status
+        of a refused handshake.
         """
-        lost = sorted(self.written)
+        lost = [] if self.token is not None else sorted(self.written)
         self.pending.difference_update(lost)
         self.written.clear()
         if self.state == "closed":

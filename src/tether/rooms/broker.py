@@ -6,7 +6,11 @@ A broker does two jobs for a hub:
   hub subscribed to ``room``; the hub delivers to its own connections itself, so a
   process never sees its own publication twice (a broker may still echo it back: the hub
   drops messages whose origin is itself);
-* **presence**: which members (id -> JSON metadata) are in a room, across processes.
+* **presence**: which members (id -> JSON metadata) are in a room, across processes;
+* **room streams** (brokers with ``streams = True``): ``publish_stream`` gives each message the
+  room's next offset, keeps it in the room's bounded history, and delivers it with its offset
+  to every subscribed hub, the publishing one included, in offset order; ``position`` and
+  ``history`` let a resuming client catch up (docs/protocol.md, "Sessions and resume").
 
 Two implementations: :class:`MemoryBroker` (this module, the default: one process, nothing
 to set up; several hubs in one process can share a :class:`MemoryBus`, which is how tests
@@ -18,13 +22,34 @@ into one.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
-from typing import ClassVar
+import asyncio
+import secrets
+import time
+from typing import ClassVar, Protocol
 
-__all__ = ["Broker", "MemoryBroker", "MemoryBus", "Deliver"]
+from ..proto.resume import Gap, HistoryBudget, RoomLog
 
-#: ``deliver(room, data)``: called by a broker for every publication it receives.
-Deliver = Callable[[str, bytes], None]
+__all__ = ["Broker", "MemoryBroker", "MemoryBus", "Deliver", "History"]
+
+
+class Deliver(Protocol):
+    """``deliver(room, data, offset)``: called by a broker for every publication it receives;
+    ``offset`` is the message's place in the room's stream (None outside a stream)."""
+
+    def __call__(self, room: str, data: bytes, offset: int | None = None, /) -> None: ...
+
+
+class History:
+    """History settings of a room: at most ``max_count`` messages and ``max_age`` seconds
+    (``max_count=0``: no history, offsets still count)."""
+
+    __slots__ = ("max_count", "max_age")
+
+    def __init__(self, max_count: int = 1000, max_age: float = 120.0) -> None:
+        if max_count < 0 or max_age < 0:
+            raise ValueError("max_count and max_age must be >= 0")
+        self.max_count = max_count
+        self.max_age = max_age
 
 
 class Broker(abc.ABC):
@@ -33,6 +58,8 @@ class Broker(abc.ABC):
 
     #: True if publications reach other processes (required for ``workers > 1``).
     shared: ClassVar[bool] = False
+    #: True if rooms are streams (offsets, history): ``publish_stream``, ``position``, ``history``.
+    streams: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def start(self, node: str, deliver: Deliver) -> None:
@@ -66,27 +93,85 @@ class Broker(abc.ABC):
     async def members(self, room: str) -> dict[str, bytes]:
         """Everyone present in ``room`` on every node: member id -> JSON metadata."""
 
+    # -- room streams (streams = True) ----------------------------------------------------
+    async def publish_stream(self, room: str, data: bytes) -> None:
+        """Place ``data`` in ``room``'s stream and deliver it, with its offset, to every hub
+        subscribed to ``room`` (this one too). Must not wait for the receivers."""
+        raise NotImplementedError(f"{type(self).__name__} has no room streams")
+
+    async def position(self, room: str) -> tuple[str | None, int]:
+        """``(epoch, offset of the last message)`` of ``room``'s stream; ``(None, 0)`` without."""
+        return None, 0
+
+    async def history(self, room: str, after: int, epoch: str | None, limit: int) -> tuple[list[tuple[int, bytes]], Gap | None]:
+        """The messages of ``room`` after offset ``after`` (of ``epoch``), and the gap before
+        them if history cannot cover it (see :meth:`tether.proto.resume.RoomLog.read`)."""
+        current, head = await self.position(room)
+        if head <= after and epoch == current:
+            return [], None
+        return [], Gap(after + 1, head, "lost", current)
+
+    def configure(self, room: str, history: History) -> None:  # noqa: B027  (optional: brokers without history ignore it)
+        """Set ``room``'s history bounds (default: the broker's)."""
+
 
 class MemoryBus:
-    """What several :class:`MemoryBroker` in one process share: subscriptions and presence."""
+    """What several :class:`MemoryBroker` in one process share: subscriptions, presence, and
+    the room streams with their history (bounded per room by ``history``, and all together
+    by ``max_history_bytes``, oldest first)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, history: History | None = None, max_history_bytes: int = 64 << 20) -> None:
         self.subscribers: dict[str, dict[MemoryBroker, Deliver]] = {}
         self.presence: dict[str, dict[str, bytes]] = {}
+        self.streams: dict[str, RoomLog] = {}
+        self.history = history if history is not None else History()
+        self.settings: dict[str, History] = {}  # per-room history bounds
+        self.budget = HistoryBudget(max_history_bytes)
+
+    def stream(self, room: str) -> RoomLog:
+        log = self.streams.get(room)
+        if log is None:
+            bounds = self.settings.get(room, self.history)
+            log = self.streams[room] = RoomLog(
+                secrets.token_hex(4), max_count=bounds.max_count, max_age=bounds.max_age, budget=self.budget
+            )
+        return log
+
+    def sweep(self, now: float) -> None:
+        """Expire old history; forget streams nobody listens to and nothing is kept of (their
+        epoch ends: a later resume reports the gap)."""
+        for room, log in list(self.streams.items()):
+            log.expire(now)
+            if not log.entries and room not in self.subscribers:
+                del self.streams[room]
+
+
+_SWEEP = 1.0  # seconds between history expiry sweeps
 
 
 class MemoryBroker(Broker):
     """The in-process broker (the default). ``MemoryBroker(bus)`` joins a shared bus."""
 
+    streams = True
+
     def __init__(self, bus: MemoryBus | None = None) -> None:
         self.bus = bus if bus is not None else MemoryBus()
         self._deliver: Deliver | None = None
         self._mine: dict[str, set[str]] = {}  # room -> members put by this broker
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self, node: str, deliver: Deliver) -> None:
         self._deliver = deliver
+        self._sweep()
+
+    def _sweep(self) -> None:
+        self.bus.sweep(time.monotonic())
+        self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for subs in self.bus.subscribers.values():
             subs.pop(self, None)
         for room, members in self._mine.items():
@@ -129,3 +214,25 @@ class MemoryBroker(Broker):
 
     async def members(self, room: str) -> dict[str, bytes]:
         return dict(self.bus.presence.get(room, {}))
+
+    # -- room streams ------------------------------------------------------------------------
+    async def publish_stream(self, room: str, data: bytes) -> None:
+        offset = self.bus.stream(room).append(data, time.monotonic())
+        for deliver in tuple(self.bus.subscribers.get(room, {}).values()):
+            deliver(room, data, offset)
+
+    async def position(self, room: str) -> tuple[str | None, int]:
+        log = self.bus.stream(room)
+        return log.epoch, log.head
+
+    async def history(self, room: str, after: int, epoch: str | None, limit: int) -> tuple[list[tuple[int, bytes]], Gap | None]:
+        log = self.bus.stream(room)
+        if epoch != log.epoch:  # the history the client's offset refers to is gone
+            return [], Gap(after + 1, log.head, "epoch", log.epoch)
+        return log.read(after, time.monotonic(), limit=limit)
+
+    def configure(self, room: str, history: History) -> None:
+        self.bus.settings[room] = history
+        log = self.bus.streams.get(room)
+        if log is not None:
+            log.max_count, log.max_age = history.max_count, history.max_age

@@ -17,8 +17,15 @@ closes. ``broadcast`` encodes the message **once** and builds the WebSocket fram
 (server frames are unmasked, so the bytes are the same for every receiver), then writes
 those bytes to each member without awaiting any of them; a member whose socket is full gets
 the frame in its bounded send queue instead (``Conn.stats``; see docs/rooms.md for the
-overflow policy). The broker (:mod:`tether.broker`) carries each broadcast once to the
+overflow policy). The broker (:mod:`tether.rooms.broker`) carries each broadcast once to the
 other processes serving the room, and keeps presence: who is in a room, with app metadata.
+
+Rooms are **streams** when the broker has them (the in-memory one does): each broadcast gets
+the room's next offset (``"off"`` in the message) and stays in the room's bounded history, so
+a client that resumes its session (tether.sessions) gets what it missed, in order, or an
+explicit ``gap`` event saying what and why. A session's memberships outlive its connection:
+while the client is away it stays listed in presence (no leave/join flapping on a reconnect);
+only when the session expires does it leave.
 """
 
 from __future__ import annotations
@@ -33,11 +40,13 @@ from typing import Any
 import msgspec
 
 from ..conn import Conn, ConnState
-from ..proto.envelope import encode, encode_message
+from ..proto.envelope import encode, encode_message, with_offset
 from ..proto.frames import OP_BINARY, OP_TEXT, encode_frame
-from .broker import Broker, MemoryBroker
+from ..proto.resume import Gap, merge
+from ..sessions import Membership, Session
+from .broker import Broker, History, MemoryBroker
 
-__all__ = ["Hub", "Member", "make_broker", "is_shared", "pack", "unpack"]
+__all__ = ["Hub", "Member", "History", "make_broker", "is_shared", "pack", "unpack"]
 
 logger = logging.getLogger("tether.rooms")
 
@@ -74,16 +83,25 @@ def is_shared(setting: str | Broker | None) -> bool:
 _NODE_LEN = 12  # secrets.token_hex(6)
 
 
-def pack(node: str, opcode: int, payload: bytes) -> bytes:
-    """A broker message: origin node (12 ASCII bytes), opcode (1 byte), payload."""
-    return node.encode() + bytes((opcode,)) + payload
+def pack(node: str, opcode: int, payload: bytes, exclude: str = "") -> bytes:
+    """A broker message: origin node (12 ASCII bytes), opcode (1 byte), the length of the
+    excluded member's key (1 byte) and the key, then the payload."""
+    key = exclude.encode()
+    return b"%s%c%c%s%s" % (node.encode(), opcode, len(key), key, payload)
 
 
-def unpack(data: bytes) -> tuple[str, int, bytes]:
+def unpack(data: bytes) -> tuple[str, int, str, bytes]:
     """The inverse of :func:`pack`. Raises ``ValueError`` on a message too short."""
-    if len(data) <= _NODE_LEN:
+    if len(data) < _NODE_LEN + 2:
         raise ValueError("broker message too short")
-    return data[:_NODE_LEN].decode(), data[_NODE_LEN], data[_NODE_LEN + 1 :]
+    start = _NODE_LEN + 2 + data[_NODE_LEN + 1]
+    if len(data) < start:
+        raise ValueError("broker message too short")
+    return data[:_NODE_LEN].decode(), data[_NODE_LEN], data[_NODE_LEN + 2 : start].decode(), data[start:]
+
+
+#: Messages a resume replays per room at most; more missing is a gap ``too_many``.
+MAX_REPLAY = 1000
 
 
 # -- the hub ---------------------------------------------------------------------------------
@@ -98,7 +116,7 @@ class Member:
 class Hub:
     """Rooms of local connections, fan-out, and presence through a broker.
 
-    ``broker`` is a :class:`tether.broker.Broker`, ``None`` (in-memory) or a URL such as
+    ``broker`` is a :class:`tether.Broker`, ``None`` (in-memory) or a URL such as
     ``"redis://127.0.0.1:6379/0"``. A server makes one per process (``server.hub``); an
     :class:`tether.App` uses its server's, or its own if given ``broker=``. The hub starts
     on first use (or ``await hub.start()``); ``await hub.close()`` withdraws its presence.
@@ -114,7 +132,10 @@ class Hub:
             raise ValueError(f"node must be {_NODE_LEN} ASCII characters")
         self._rooms: dict[str, dict[Conn, str | None]] = {}  # room -> conn -> member id
         self._of: dict[Conn, set[str]] = {}  # conn -> its rooms
-        self._ids: dict[Conn, str] = {}
+        self._ids: dict[Conn, str] = {}  # member ids of connections without a session
+        self._keys: dict[Conn, str] = {}  # what names a connection in an ``exclude``
+        self._by_key: dict[str, Conn] = {}
+        self._catching_up: dict[str, dict[Conn, list[tuple[int, bytes]]]] = {}  # room -> resuming conn -> live buffer
         self._counter = itertools.count(1)
         self._subs: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -153,12 +174,18 @@ class Hub:
         """Rooms with at least one connection in this process."""
         return list(self._rooms)
 
+    def set_history(self, room: str, *, max_count: int = 1000, max_age: float = 120.0) -> None:
+        """Bound ``room``'s history (``max_count=0`` keeps none: resumes of it report gaps)."""
+        self.broker.configure(room, History(max_count, max_age))
+
     async def join(self, conn: Conn, room: str, meta: Any = None, *, presence: bool = True) -> None:
         """Put ``conn`` in ``room``; a no-op if it is in already.
 
         With ``presence=True`` it is listed by :meth:`presence` with ``meta`` (any JSON-able
         value) and the other members get a ``presence`` join event; ``presence=False`` only
         subscribes it to broadcasts. Returns once broadcasts from every process reach it.
+        A connection with a session gets a ``joined`` event with the room's position (its
+        epoch and last offset), and stays in the room across resumes.
         Raises :class:`tether.ConnectionClosed` if ``conn`` is closed.
         """
         if conn.state is not ConnState.OPEN:
@@ -168,25 +195,59 @@ class Hub:
         if conn in members:
             return
         member = self._member_id(conn) if presence else None
-        members[conn] = member
+        session = conn.session if isinstance(conn.session, Session) else None
+        meta_json = encode(meta)
+        if session is not None:
+            session.rooms[room] = Membership(meta_json, presence)
+        self._add(conn, room, member)
+        await self._subscribe(room)
+        if session is not None:
+            await self._send_position(conn, session, room)
+        if member is not None:
+            await self._announce_join(conn, room, member, meta_json)
+
+    def _add(self, conn: Conn, room: str, member: str | None) -> None:
+        self._rooms.setdefault(room, {})[conn] = member
         if conn not in self._of:
             self._of[conn] = set()
             conn.on_close(self._conn_closed)
         self._of[conn].add(room)
-        await self._subscribe(room)
-        if member is not None:
-            await self._announce_join(conn, room, member, encode(meta))
+
+    async def _send_position(self, conn: Conn, session: Session, room: str) -> None:
+        epoch, offset = await self.broker.position(room)
+        _direct(conn, session, "joined", {"epoch": epoch, "offset": offset}, room)
+
+    async def position(self, room: str) -> tuple[str | None, int]:
+        """``(epoch, offset of the last message)`` of ``room``'s stream."""
+        await self.start()
+        return await self.broker.position(room)
 
     async def _announce_join(self, conn: Conn, room: str, member: str, meta: bytes) -> None:
         await self.broker.put_member(room, member, meta)
         if self._rooms.get(room, {}).get(conn) != member:  # left or closed meanwhile
-            await self.broker.drop_member(room, member)
+            if not self._parked(conn, room):
+                await self.broker.drop_member(room, member)
             return
         await self._event(room, "join", member, meta, exclude=conn)
+
+    async def update(self, conn: Conn, room: str, meta: Any) -> None:
+        """Change ``conn``'s presence ``meta`` in ``room``; the others get a ``presence``
+        ``update`` event. Raises ``KeyError`` if it is not listed in ``room``."""
+        member = self._rooms.get(room, {}).get(conn)
+        if member is None:
+            raise KeyError(f"{conn!r} is not listed in room {room!r}")
+        meta_json = encode(meta)
+        if isinstance(conn.session, Session) and room in conn.session.rooms:
+            conn.session.rooms[room].meta = meta_json
+        await self.broker.put_member(room, member, meta_json)
+        await self._event(room, "update", member, meta_json, exclude=conn)
 
     async def leave(self, conn: Conn, room: str) -> None:
         """Take ``conn`` out of ``room`` (a no-op if it is not in it)."""
         found, member = self._remove(conn, room)
+        if isinstance(conn.session, Session):
+            conn.session.rooms.pop(room, None)
+            _direct(conn, conn.session, "left", None, room)
         if found and member is not None:
             await self._announce_leave(room, member)
 
@@ -204,23 +265,114 @@ class Hub:
             rooms.discard(room)
         if not members:
             del self._rooms[room]
-            self._subs.pop(room, None)
-            self._spawn(self.broker.unsubscribe(room))
+            if room not in self._catching_up:
+                self._subs.pop(room, None)
+                self._spawn(self.broker.unsubscribe(room))
         return True, member
 
     def _conn_closed(self, conn: Conn) -> None:
-        """A member closed: leave its rooms now (locally), tell the broker soon after."""
+        """A member closed: leave its rooms now (locally), tell the broker soon after. A
+        session's memberships are parked instead: it stays listed until the session ends."""
+        session = conn.session if isinstance(conn.session, Session) else None
         for room in self._of.pop(conn, ()):
             found, member = self._remove(conn, room)
-            if found and member is not None:
+            if found and member is not None and (session is None or room not in session.rooms):
                 self._spawn(self._announce_leave(room, member))
+        for buffers in self._catching_up.values():
+            buffers.pop(conn, None)
         self._ids.pop(conn, None)
+        key = self._keys.pop(conn, None)
+        if key is not None:
+            self._by_key.pop(key, None)
+
+    def _parked(self, conn: Conn, room: str) -> bool:
+        session = conn.session
+        return isinstance(session, Session) and room in session.rooms and conn.state is not ConnState.OPEN
+
+    async def end_session(self, session: Session) -> None:
+        """A session expired: leave the rooms it was parked in (presence ``leave`` events)."""
+        for room, membership in list(session.rooms.items()):
+            if membership.presence and session.member is not None:
+                await self._announce_leave(room, session.member)
+        session.rooms.clear()
+
+    async def resume(self, conn: Conn, positions: dict[str, tuple[str | None, int]]) -> None:
+        """Put a resumed session's connection back in its rooms and replay what it missed.
+
+        ``positions`` are the client's ``(epoch, offset)`` per room. Each room's history after
+        that offset goes out first, in order, then live traffic (buffered meanwhile and
+        merged, so nothing is lost or doubled); what history cannot cover is a ``gap`` event.
+        """
+        session = conn.session
+        assert isinstance(session, Session)
+        await self.start()
+        for room, membership in list(session.rooms.items()):
+            if conn.state is not ConnState.OPEN:
+                return
+            member = session.member if membership.presence else None
+            await self._subscribe(room)
+            position = positions.get(room)
+            if position is None:  # the client never learned where the room was: start now
+                self._add(conn, room, member)
+                await self._send_position(conn, session, room)
+                continue
+            await self._catch_up(conn, session, room, member, *position)
+
+    async def _catch_up(self, conn: Conn, session: Session, room: str, member: str | None, epoch: str | None, after: int) -> None:
+        buffer: list[tuple[int, bytes]] = []
+        self._catching_up.setdefault(room, {})[conn] = buffer
+        try:
+            history, gap = await self.broker.history(room, after, epoch, MAX_REPLAY)
+        finally:
+            buffers = self._catching_up.get(room, {})
+            buffers.pop(conn, None)
+            if not buffers:
+                self._catching_up.pop(room, None)
+        if conn.state is not ConnState.OPEN:
+            return
+        start = after
+        if gap is not None:
+            _gap(conn, session, room, gap)
+            start = gap.last
+            if gap.reason == "epoch":
+                history = []
+        run, hole = merge(history, buffer, start)
+        if hole is not None:
+            _gap(conn, session, room, Gap(hole.first, hole.last, "lost", gap.epoch if gap else epoch))
+        for offset, data in run:
+            self._write_one(conn, room, offset, data)
+        self._add(conn, room, member)
+
+    def _write_one(self, conn: Conn, room: str, offset: int, data: bytes) -> None:
+        try:
+            _, opcode, exclude, payload = unpack(data)
+        except ValueError:
+            return
+        if exclude and exclude == self._keys.get(conn, ""):
+            return
+        payload = with_offset(payload, offset)
+        conn.write_broadcast(encode_frame(opcode, payload), opcode, payload)
 
     def _member_id(self, conn: Conn) -> str:
+        session = conn.session
+        if isinstance(session, Session):
+            if session.member is None:
+                session.member = f"{self.node}.{next(self._counter)}"
+            return session.member
         member = self._ids.get(conn)
         if member is None:
             member = self._ids[conn] = f"{self.node}.{next(self._counter)}"
         return member
+
+    def _key(self, conn: Conn) -> str:
+        """The name of ``conn`` in an ``exclude`` (its session id: resumes keep it)."""
+        key = self._keys.get(conn)
+        if key is None:
+            session = conn.session
+            key = session.id if isinstance(session, Session) else f"{self.node}.c{next(self._counter)}"
+            self._keys[conn] = key
+            self._by_key[key] = conn
+        return key
 
     async def _subscribe(self, room: str) -> None:
         task = self._subs.get(room)
@@ -247,6 +399,9 @@ class Hub:
 
     def member_id(self, conn: Conn) -> str | None:
         """``conn``'s member id in presence lists, once it has joined a room with presence."""
+        session = conn.session
+        if isinstance(session, Session):
+            return session.member
         return self._ids.get(conn)
 
     async def _event(self, room: str, event: str, member: str, meta: bytes, exclude: Conn | None = None) -> None:
@@ -255,17 +410,29 @@ class Hub:
 
     # -- broadcast ---------------------------------------------------------------------
     async def broadcast(self, room: str, type: str, data: Any = None, *, exclude: Conn | None = None) -> int:
-        """Send ``{"type": type, "data": data, "room": room}`` to every member of ``room``.
+        """Send ``{"type": type, "data": data, "room": room, "off": offset}`` to every member
+        of ``room``.
 
         ``exclude`` (usually the sender) is skipped. Never waits for a receiver. Returns how
-        many connections of this process got it (or had it queued); other processes get it
-        through the broker.
+        many connections of this process are in the room (they get it, or have it queued);
+        other processes get it through the broker. With a streams broker the message gets
+        the room's next offset and stays in its history (see :meth:`set_history`).
         """
-        return await self.send(room, encode_message(type, data, room=room), exclude=exclude, text=True)
+        payload = encode_message(type, data, room=room)
+        if not self.broker.streams:
+            return await self.send(room, payload, exclude=exclude, text=True)
+        if self._start is None:
+            await self.start()
+        members = self._rooms.get(room)
+        count = len(members) - (exclude in members) if members else 0
+        key = self._key(exclude) if exclude is not None else ""
+        await self.broker.publish_stream(room, pack(self.node, OP_TEXT, payload, key))
+        return count
 
     async def send(self, room: str, message: str | bytes, *, exclude: Conn | None = None, text: bool | None = None) -> int:
         """Send a raw ``message`` to every member of ``room``: ``str`` as a text frame,
-        ``bytes`` as binary (or text with ``text=True``). See :meth:`broadcast`."""
+        ``bytes`` as binary (or text with ``text=True``). Raw messages are not part of the
+        room's stream (no offset, no history). See :meth:`broadcast`."""
         if isinstance(message, str):
             opcode, payload = OP_TEXT, message.encode()
         else:
@@ -288,12 +455,30 @@ class Hub:
                 count += 1
         return count
 
-    def _deliver(self, room: str, data: bytes) -> None:
-        """From the broker: a publication of some process (ours are dropped: delivered already)."""
+    def _deliver(self, room: str, data: bytes, offset: int | None = None) -> None:
+        """From the broker: a publication of some process. A stream message (with its offset)
+        comes from every process, ours included; others only from the other processes."""
         try:
-            node, opcode, payload = unpack(data)
+            node, opcode, exclude, payload = unpack(data)
         except ValueError:
             logger.warning("dropped a malformed broker message in room %r", room)
             return
-        if node != self.node:
-            self._fanout(room, opcode, payload, None)
+        if offset is None:
+            if node != self.node:
+                self._fanout(room, opcode, payload, None)
+            return
+        catching_up = self._catching_up.get(room)
+        if catching_up:
+            for buffer in catching_up.values():
+                buffer.append((offset, data))
+        skip = self._by_key.get(exclude) if exclude else None
+        self._fanout(room, opcode, with_offset(payload, offset), skip)
+
+
+def _direct(conn: Conn, session: Session, type: str, data: Any, room: str) -> None:
+    """A direct message of the session: kept until acked, written to its open connection."""
+    session.send(type, data, room=room)
+
+
+def _gap(conn: Conn, session: Session, room: str, gap: Gap) -> None:
+    _direct(conn, session, "gap", {"first": gap.first, "last": gap.last, "reason": gap.reason, "epoch": gap.epoch}, room)
