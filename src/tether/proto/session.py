@@ -40,12 +40,15 @@ from typing import Any, Literal
 from .backoff import Backoff, retry_after, should_reconnect
 from .resume import RoomCursor
 
-__all__ = ["Session", "State", "Retry", "Welcome", "REFUSED_STATUSES"]
+__all__ = ["Session", "State", "Retry", "Welcome", "REFUSED_STATUSES", "SESSION_TAKEN"]
 
 State = Literal["connecting", "open", "reconnecting", "closed"]
 
 #: Handshake refusals that retrying cannot fix: 401 (unauthorized), 403 (forbidden, origin).
 REFUSED_STATUSES = frozenset({401, 403})
+#: The server closed this connection because the session was resumed on another one (a copy
+#: of the client holding the same token): reconnect with a new session, not that one.
+SESSION_TAKEN = 4009
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +280,8 @@ class Session:
         good. ``code`` is the close code (None: no close frame); ``status`` the HTTP status
         of a refused handshake.
         """
+        if code == SESSION_TAKEN:
+            self.token = None  # another connection holds our session: start a new one
         lost = [] if self.token is not None else sorted(self.written)
         self.pending.difference_update(lost)
         self.written.clear()
