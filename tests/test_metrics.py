@@ -425,7 +425,6 @@ async def test_slow_consumer_close_is_counted(make_server: ServerFactory) -> Non
 
 # -- tether run --workers 2: one aggregated view from either worker ---------------------------------
 @pytest.mark.redis
-@pytest.mark.slow
 async def test_two_workers_scrape_adds_up_both_and_survives_a_worker_death(
     tether_run: Callable[..., TetherRun], redis_server: RedisServer, no_leftover_metrics_dirs: set[str]  # noqa: F811
 ) -> None:
