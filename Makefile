@@ -138,7 +138,7 @@ demo: $(DEMO_STAMP)
 
 # ---------------------------------------------------------------------------------------------
 # Benchmarks (owned by the benchmark engineer: `make bench` goes here)
-#   make bench         full suite (~35 min): every peer, 3 interleaved runs, writes docs/benchmarks.md
+#   make bench         full suite (~40 min): every peer, 3 interleaved runs, writes docs/benchmarks.md
 #                      and docs/benchmarks.png; raw JSON in bench/results/. BENCH_ARGS="--peers a,b" etc.
 #   make bench-quick   a few seconds per peer, report in bench/results/quick/
 #   make bench-selftest  the load generator's own CPU per round trip against a trivial server, the
