@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tether.proto.backoff import Backoff
-from tether.proto.session import Retry, Session
+from tether.proto.session import Retry, Session, Welcome
 
 SCENARIOS: list[dict[str, Any]] = json.loads((Path(__file__).parent / "vectors" / "session.json").read_text())["scenarios"]
 
@@ -36,6 +36,16 @@ def assert_retry(actual: Retry | None, expected: dict[str, float] | None) -> Non
         assert retry(actual) == pytest.approx(expected, abs=1e-12)
 
 
+def welcome(value: Welcome) -> dict[str, Any]:
+    return {
+        "resumed": value.resumed,
+        "resend": value.resend,
+        "lost": value.lost,
+        "lost_messages": value.lost_messages,
+        "rooms_lost": value.rooms_lost,
+    }
+
+
 def check(session: Session, step: dict[str, Any]) -> None:
     seen = {
         "state": session.state,
@@ -44,6 +54,12 @@ def check(session: Session, step: dict[str, Any]) -> None:
         "written": sorted(session.written),
         "opened": session.opened,
         "attempt": session.backoff.attempt,
+        "token": session.token,
+        "session_id": session.session_id,
+        "seq": session.seq,
+        "unacked": [list(e) for e in session.unacked],
+        "direct": session.direct,
+        "direct_acked": session.direct_acked,
     }
     fields = set(step) - {"op", "note"}
     assert fields and fields <= set(seen), step
@@ -65,7 +81,10 @@ def run(session: Session, step: dict[str, Any]) -> None:
     elif op == "queue":
         assert entry(session.queue(step["payload"], id)) == expected
     elif op == "wrote":
-        session.wrote(id)
+        if "payload" in step:
+            assert session.wrote(id, step["payload"]) == expected
+        else:
+            assert session.wrote(id) is None
     elif op == "settle":
         assert session.settle(id) is expected
     elif op == "forget":
@@ -78,6 +97,26 @@ def run(session: Session, step: dict[str, Any]) -> None:
         assert_retry(got, expected["retry"])
     elif op == "close":
         assert session.close() == expected
+    elif op == "offer":
+        assert session.offer() == expected
+    elif op == "welcomed":
+        assert welcome(session.welcomed(step["info"])) == expected
+    elif op == "acked":
+        session.acked(step["seq"])
+    elif op == "received":
+        assert session.received(step["seq"]) is expected
+    elif op == "ack_due":
+        assert session.ack_due() == expected
+    elif op == "joined":
+        session.joined(step["room"], step["epoch"], step["offset"])
+    elif op == "left":
+        session.left(step["room"])
+    elif op == "room_message":
+        assert session.room_message(step["room"], step["off"]) is expected
+    elif op == "room_gap":
+        session.room_gap(step["room"], step["last"], step["epoch"])
+    elif op == "positions":
+        assert session.positions() == expected
     elif op == "check":
         check(session, step)
     else:
@@ -99,11 +138,18 @@ def test_session_follows_scenario(scenario: dict[str, Any]) -> None:
 
 
 def test_session_vectors_cover_every_op() -> None:
-    """The vector file exercises every operation, both refusals and every close rule."""
+    """The vector file exercises every operation, both refusals, every close rule, and both
+    outcomes of a welcome (resumed, a new session, none)."""
     steps = [step for s in SCENARIOS for step in s["steps"]]
     ops = {step["op"] for step in steps}
-    assert ops == {"request_id", "send", "queue", "wrote", "settle", "forget", "connected", "ended", "close", "check"}
+    assert ops == {
+        "request_id", "send", "queue", "wrote", "settle", "forget", "connected", "ended", "close", "check",
+        "offer", "welcomed", "acked", "received", "ack_due", "joined", "left", "room_message", "room_gap", "positions",
+    }
     codes = {step["code"] for step in steps if step["op"] == "ended"}
-    assert {1008, 4001, 4003, 1001, 1006, None} <= codes
+    assert {1008, 4001, 4003, 4009, 1001, 1006, None} <= codes
+    welcomes = [step for step in steps if step["op"] == "welcomed"]
+    assert {w["expected"]["resumed"] for w in welcomes} == {True, False}
+    assert any(w["info"] is None for w in welcomes) and any(w["expected"]["lost"] for w in welcomes)
     assert {401, 403} <= {step.get("status") for step in steps}
     assert any(s.get("raises") for s in SCENARIOS) and any(step.get("raises") for step in steps)

@@ -10,8 +10,8 @@ const { scenarios } = JSON.parse(readFileSync(new URL("../vectors/session.json",
 const near = (actual, expected) => assert.ok(Math.abs(actual - expected) <= 1e-12, `${actual} != ${expected}`);
 const sorted = (ids) => [...ids].sort((a, b) => a - b);
 
-function make({ outbox_size: outboxSize, max_retry_after: maxRetryAfter, backoff } = {}) {
-  const options = { outboxSize, maxRetryAfter };
+function make({ outbox_size: outboxSize, max_retry_after: maxRetryAfter, resume, backoff } = {}) {
+  const options = { outboxSize, maxRetryAfter, resume };
   if (backoff) {
     const { stable_after: stableAfter, ...rest } = backoff;
     options.backoff = new Backoff({ ...rest, stableAfter });
@@ -27,6 +27,12 @@ function check(session, step) {
     written: sorted(session.written),
     opened: session.opened,
     attempt: session.backoff.attempt,
+    token: session.token,
+    session_id: session.sessionId,
+    seq: session.seq,
+    unacked: session.unacked,
+    direct: session.direct,
+    direct_acked: session.directAcked,
   };
   const fields = Object.keys(step).filter((key) => key !== "op" && key !== "note");
   assert.ok(fields.length > 0 && fields.every((key) => key in seen), JSON.stringify(step));
@@ -51,7 +57,9 @@ function run(session, step) {
       return assert.deepEqual({ write_now: writeNow, dropped }, expected);
     }
     case "queue": return assert.deepEqual(session.queue(step.payload, id), expected);
-    case "wrote": return session.wrote(id);
+    case "wrote":
+      if ("payload" in step) return assert.equal(session.wrote(id, step.payload), expected);
+      return assert.equal(session.wrote(id), null);
     case "settle": return assert.equal(session.settle(id), expected);
     case "forget": return session.forget(id);
     case "connected": return assert.deepEqual(session.connected(step.now), expected);
@@ -61,6 +69,19 @@ function run(session, step) {
       return assertRetry(retry, expected.retry);
     }
     case "close": return assert.deepEqual(session.close(), expected);
+    case "offer": return assert.equal(session.offer(), expected);
+    case "welcomed": {
+      const { resumed, resend, lost, lostMessages, roomsLost } = session.welcomed(step.info);
+      return assert.deepEqual({ resumed, resend, lost, lost_messages: lostMessages, rooms_lost: roomsLost }, expected);
+    }
+    case "acked": return session.acked(step.seq);
+    case "received": return assert.equal(session.received(step.seq), expected);
+    case "ack_due": return assert.equal(session.ackDue(), expected);
+    case "joined": return session.joined(step.room, step.epoch, step.offset);
+    case "left": return session.left(step.room);
+    case "room_message": return assert.equal(session.roomMessage(step.room, step.off), expected);
+    case "room_gap": return session.roomGap(step.room, step.last, step.epoch);
+    case "positions": return assert.deepEqual(session.positions(), expected);
     case "check": return check(session, step);
     default: assert.fail(`unknown op ${op}`);
   }

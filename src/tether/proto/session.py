@@ -19,9 +19,10 @@ client's side of both streams:
 
 - **to the server**: each message written gets the next ``seq`` (spliced into its JSON with
   the current direct ``ack``) and is kept until the server acks it; after a resume only the
-  unacked tail is written again, in order; after a failed resume (``resumed: false``) the
-  requests among them are lost (the driver fails them) and the count of one-way ones is
-  reported;
+  unacked tail is written again, in order; after a failed resume (``resumed: false``, or a
+  welcome with no session) the requests written in the old session, acked or not, are lost
+  (the driver fails them) and the count of unacked one-way ones is reported; a resumed
+  welcome's ``ack`` beyond our ``seq`` (a restored copy of the client) moves ``seq`` past it;
 - **from the server**: the last direct ``seq`` received (duplicates after a resume are
   dropped) and the ack owed for it; per room the ``(epoch, offset)`` received, so a resume
   asks for exactly what is missing and a duplicate or a hole is seen.
@@ -107,7 +108,8 @@ class Session:
         self.outbox_size = outbox_size
         #: Request ids waiting for their reply.
         self.pending: set[int] = set()
-        #: Of those, the ids written to the current connection.
+        #: Of those, the ids written to the current connection (with a session: to any
+        #: connection of the current session, since a resume may still answer them).
         self.written: set[int] = set()
         self.backoff = backoff if backoff is not None else Backoff()
         self.max_retry_after = max_retry_after
@@ -206,11 +208,12 @@ class Session:
         return True if cursor is None else cursor.receive(offset)
 
     def room_gap(self, room: str, last: int, epoch: str | None) -> None:
-        """The server says offsets up to ``last`` (of ``epoch``) will never come: move on."""
+        """The server says offsets up to ``last`` (of ``epoch``) will never come: move on.
+        In a new epoch the offsets start again: the cursor goes to ``last``, even backwards."""
         cursor = self.rooms.get(room)
         if cursor is not None:
-            cursor.epoch = epoch
             cursor.offset = max(cursor.offset, last) if cursor.epoch == epoch else last
+            cursor.epoch = epoch
 
     def positions(self) -> dict[str, dict[str, Any]]:
         """The ``data.rooms`` of a ``resume`` message: what of each room was received."""
@@ -224,21 +227,27 @@ class Session:
         return "session" if self.token is None else f"session.{self.token}.{self.direct}"
 
     def welcomed(self, info: Any) -> Welcome:
-        """The welcome's ``session`` (None: the server keeps no sessions for us)."""
-        if not self.resume or not isinstance(info, dict):
+        """The welcome's ``session`` (None: the server keeps no sessions for us, so a session
+        we had is gone as if it had expired)."""
+        if not self.resume:
             return Welcome(False, [], [], 0, [])
+        info = info if isinstance(info, dict) else {}
         had = self.token is not None
         resumed = bool(info.get("resumed")) and had
         self.token, self.session_id = info.get("token"), info.get("id")
         if resumed:
-            self.acked(info.get("ack"))
+            ack = info.get("ack")
+            self.acked(ack)
+            if isinstance(ack, int) and ack > self.seq:  # a restored copy of the client: never reuse a seq
+                self.seq = ack
             return Welcome(True, [payload for _, payload, _ in self.unacked], [], 0, [])
-        # A new session: what the old one had in flight is gone with it. (Messages the server
-        # sent before its welcome are the new session's: the driver handles them only now.)
-        lost = [id for _, _, id in self.unacked if id is not None and id in self.pending]
+        # A new session: what the old one had in flight is gone with it, acked or not (an
+        # acked request's reply was still to come). (Messages the server sent before its
+        # welcome are the new session's: the driver handles them only now.)
+        lost = sorted(self.written & self.pending)
         messages = sum(1 for _, _, id in self.unacked if id is None)
         self.pending.difference_update(lost)
-        self.written.difference_update(lost)
+        self.written.clear()
         rooms = sorted(self.rooms)
         self.unacked.clear()
         self.rooms.clear()
@@ -276,18 +285,21 @@ class Session:
         """The connection ended (or could not open): ``(lost, retry)``.
 
         ``lost`` are the requests written to it, no longer pending (with a session they stay
-        pending: the resume decides). ``retry`` is None when the client is now closed for
-        good. ``code`` is the close code (None: no close frame); ``status`` the HTTP status
-        of a refused handshake.
+        pending: the resume decides, unless this close is final). ``retry`` is None when the
+        client is now closed for good. ``code`` is the close code (None: no close frame);
+        ``status`` the HTTP status of a refused handshake.
         """
         if code == SESSION_TAKEN:
             self.token = None  # another connection holds our session: start a new one
-        lost = [] if self.token is not None else sorted(self.written)
+        final = self.state == "closed" or status in REFUSED_STATUSES or not should_reconnect(code, False)
+        keep = self.token is not None and not final  # a resume may still answer them
+        lost = [] if keep else sorted(self.written)
         self.pending.difference_update(lost)
-        self.written.clear()
+        if not keep:
+            self.written.clear()
         if self.state == "closed":
             return lost, None
-        if status in REFUSED_STATUSES or not should_reconnect(code, False):
+        if final:
             self.state = "closed"
             return lost, None
         self.backoff.maybe_reset(now)

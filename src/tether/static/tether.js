@@ -121,6 +121,32 @@ export function heartbeatDue(now, lastSent, interval) {
 
 /** Handshake refusals that retrying cannot fix: 401 (unauthorized), 403 (forbidden, origin). */
 const REFUSED_STATUSES = new Set([401, 403]);
+/**
+ * The server closed this connection because the session was resumed on another one (a copy
+ * of the client holding the same token, e.g. a duplicated tab): reconnect with a new session.
+ */
+export const SESSION_TAKEN = 4009;
+
+/**
+ * Client side of one room's stream (port of tether/proto/resume.py RoomCursor): the epoch and
+ * the offset received so far. Offsets a client never sees are normal (a broadcast that
+ * excluded it); the server reports real losses itself (a "gap"), so the cursor only moves
+ * forward and drops what it has seen.
+ */
+export class RoomCursor {
+  constructor(epoch, offset) {
+    this.epoch = epoch;
+    this.offset = offset;
+  }
+
+  /** A room message with `off`: true to deliver it, false if it was seen already. */
+  receive(offset) {
+    if (offset == null) return true;
+    if (offset <= this.offset) return false;
+    this.offset = offset;
+    return true;
+  }
+}
 
 /**
  * A reconnecting client's bookkeeping, with no I/O: the outbox, pending requests, reconnects.
@@ -132,20 +158,42 @@ const REFUSED_STATUSES = new Set([401, 403]);
  * - reconnecting: whether to retry and after how long: never after close(), a refused
  *   handshake (status 401/403, which only a non-browser driver can see) or close code 1008,
  *   4001, 4003; full-jitter backoff plus a 1001 retry_after capped at `maxRetryAfter` seconds.
- * Times are seconds, `rand` uniform in [0, 1): both passed in. Payloads are opaque.
+ *
+ * With `resume: true` (sessions, docs/protocol.md "Sessions and resume") it also keeps the
+ * client's side of both streams:
+ * - to the server: each message written gets the next `seq` (spliced into its JSON with the
+ *   direct `ack` owed) and is kept until the server acks it; after a resume only the unacked
+ *   tail is written again, in order; after a failed resume (`resumed: false`, or a welcome
+ *   with no session) the requests written in the old session, acked or not, are lost and
+ *   the count of unacked one-way ones is reported; a resumed welcome's `ack` beyond our `seq`
+ *   (a restored copy of the client) moves `seq` past it;
+ * - from the server: the last direct `seq` received (duplicates after a resume are dropped)
+ *   and the ack owed for it; per room the `(epoch, offset)` received.
+ * Times are seconds, `rand` uniform in [0, 1): both passed in. Payloads are opaque strings,
+ * except that with `resume: true` a payload is a JSON object (its last character is "}").
  */
 export class Session {
   #nextId = 1;
 
   /** @throws {RangeError} if `outboxSize` is not an integer >= 0. */
-  constructor({ outboxSize = 100, backoff = null, maxRetryAfter = 60 } = {}) {
+  constructor({ outboxSize = 100, backoff = null, maxRetryAfter = 60, resume = false } = {}) {
     if (!(Number.isInteger(outboxSize) && outboxSize >= 0)) throw new RangeError("outboxSize must be an integer >= 0");
+    this.resume = resume; // whether the client keeps a session (numbers its messages, resumes)
+    this.token = null; // the session's private token (offer `session.<token>.<direct>`) ...
+    this.sessionId = null; // ... and its id
+    this.seq = 0; // the last seq given to a message written to the server
+    this.unacked = []; // [seq, payload, id] written and not acked by the server yet, oldest first
+    this.direct = 0; // the last direct seq received from the server ...
+    this.directAcked = 0; // ... and the last one acked to it
+    this.rooms = new Map(); // rooms the server put the session in -> RoomCursor
     /** @type {"connecting" | "open" | "reconnecting" | "closed"} */
     this.state = "connecting";
     this.outbox = []; // [payload, id] waiting for a connection, oldest first; id null for one-way
     this.outboxSize = outboxSize;
     this.pending = new Set(); // request ids waiting for their reply
-    this.written = new Set(); // of those, the ids written to the current connection
+    // Of those, the ids written to the current connection (with a session: to any connection
+    // of the current session, since a resume may still answer them).
+    this.written = new Set();
     this.backoff = backoff ?? new Backoff();
     this.maxRetryAfter = maxRetryAfter;
     this.opened = 0; // connections opened so far (the first is not a reconnect)
@@ -163,8 +211,8 @@ export class Session {
 
   /**
    * Route one outgoing message: `[writeNow, dropped]`. `writeNow` true: the driver writes it
-   * (and calls wrote() if it is a request); false: it waits in the outbox, and `dropped` is
-   * the oldest entry pushed out to make room, or null.
+   * (the payload wrote() returns); false: it waits in the outbox, and `dropped` is the oldest
+   * entry pushed out to make room, or null.
    * @throws {RangeError} once closed (the driver throws "ClientClosed" before asking).
    */
   send(payload, id = null) {
@@ -184,9 +232,117 @@ export class Session {
     return null;
   }
 
-  /** A request went out on the current connection. */
-  wrote(id) {
+  /**
+   * A message goes out on the current connection: returns the payload to write. In a session
+   * the payload gets the next `seq` (and the direct `ack` owed, if any) and is kept until acked.
+   */
+  wrote(id, payload = null) {
     if (id !== null && this.pending.has(id)) this.written.add(id);
+    if (this.token === null || payload === null) return payload; // no session (yet, or the server keeps none)
+    this.seq += 1;
+    const ack = this.ackDue();
+    payload = `${payload.slice(0, -1)},"seq":${this.seq}${ack === null ? "" : `,"ack":${ack}`}}`;
+    this.unacked.push([this.seq, payload, id]);
+    return payload;
+  }
+
+  // -- the streams (resume)
+
+  /** The server accepted every message up to `seq`: forget them. */
+  acked(seq) {
+    if (seq == null) return;
+    let n = 0;
+    while (n < this.unacked.length && this.unacked[n][0] <= seq) n += 1;
+    if (n > 0) this.unacked.splice(0, n);
+  }
+
+  /** A direct message from the server: false if it is a duplicate (drop it). */
+  received(seq) {
+    if (seq == null) return true;
+    if (seq <= this.direct) return false;
+    this.direct = seq;
+    return true;
+  }
+
+  /** The direct ack to send now (piggy-backed, or on its own), or null if none is owed. */
+  ackDue() {
+    if (this.direct === this.directAcked) return null;
+    this.directAcked = this.direct;
+    return this.direct;
+  }
+
+  /** The server put the session in `room` at `(epoch, offset)`. */
+  joined(room, epoch, offset) {
+    const cursor = this.rooms.get(room);
+    if (cursor === undefined || cursor.epoch !== epoch || cursor.offset < offset) this.rooms.set(room, new RoomCursor(epoch, offset));
+  }
+
+  left(room) {
+    this.rooms.delete(room);
+  }
+
+  /** A room message: true to deliver it, false if it was received already (a replay overlapping live traffic). */
+  roomMessage(room, offset) {
+    const cursor = this.rooms.get(room);
+    return cursor === undefined ? true : cursor.receive(offset);
+  }
+
+  /**
+   * The server says offsets up to `last` (of `epoch`) will never come: move on. In a new
+   * epoch the offsets start again: the cursor goes to `last`, even backwards.
+   */
+  roomGap(room, last, epoch) {
+    const cursor = this.rooms.get(room);
+    if (cursor !== undefined) {
+      cursor.offset = cursor.epoch === epoch ? Math.max(cursor.offset, last) : last;
+      cursor.epoch = epoch;
+    }
+  }
+
+  /** The `data.rooms` of a "resume" message: what of each room was received. */
+  positions() {
+    const rooms = {};
+    for (const [room, cursor] of this.rooms) rooms[room] = { epoch: cursor.epoch, offset: cursor.offset };
+    return rooms;
+  }
+
+  /** The subprotocol entry to offer: "session" (start one), `session.<token>.<direct>` (resume it), or null without `resume`. */
+  offer() {
+    if (!this.resume) return null;
+    return this.token === null ? "session" : `session.${this.token}.${this.direct}`;
+  }
+
+  /**
+   * The welcome's `session` (null: the server keeps no sessions for us, so a session we had
+   * is gone as if it had expired): `{resumed, resend, lost, lostMessages, roomsLost}`.
+   * `resumed`: write a "resume" message with positions() first, then `resend` (the unacked
+   * payloads, in order). Otherwise `lost` request ids fail, `lostMessages` one-way messages
+   * may not have arrived, and the session is out of the rooms `roomsLost`.
+   */
+  welcomed(info) {
+    if (!this.resume) return welcome(false, [], [], 0, []);
+    info = info !== null && typeof info === "object" && !Array.isArray(info) ? info : {};
+    const had = this.token !== null;
+    const resumed = Boolean(info.resumed) && had;
+    this.token = info.token ?? null;
+    this.sessionId = info.id ?? null;
+    if (resumed) {
+      const ack = info.ack ?? null;
+      this.acked(ack);
+      if (Number.isInteger(ack) && ack > this.seq) this.seq = ack; // a restored copy of the client: never reuse a seq
+      return welcome(true, this.unacked.map(([, payload]) => payload), [], 0, []);
+    }
+    // A new session: what the old one had in flight is gone with it, acked or not. (Messages
+    // the server sent before its welcome are the new session's: the driver handles them only now.)
+    const lost = [...this.written].filter((id) => this.pending.has(id)).sort((a, b) => a - b);
+    const messages = this.unacked.filter(([, , id]) => id === null).length;
+    for (const id of lost) this.pending.delete(id);
+    this.written.clear();
+    const rooms = [...this.rooms.keys()].sort();
+    this.unacked = [];
+    this.rooms.clear();
+    this.seq = this.direct = this.directAcked = 0;
+    return welcome(false, [], lost, messages, rooms);
   }
 
   /** A reply or error for `id` arrived: true if it answers a pending request. */
@@ -219,16 +375,20 @@ export class Session {
 
   /**
    * The connection ended (or could not open): `[lost, retry]`. `lost` are the requests written
-   * to it, no longer pending; `retry` is `{delay, notBefore}` in seconds, or null when the
-   * session is now closed for good. `code` is null without a close frame; `status` the HTTP
-   * status of a refused handshake (browsers cannot see it: tether.js passes none).
+   * to it, no longer pending (with a session they stay pending: the resume decides, unless this
+   * close is final); `retry` is `{delay, notBefore}` in seconds, or null when the session is
+   * now closed for good. `code` is null without a close frame; `status` the HTTP status of a
+   * refused handshake (browsers cannot see it: tether.js passes none).
    */
   ended(code, reason, now, rand, { status = null } = {}) {
-    const lost = [...this.written].sort((a, b) => a - b);
+    if (code === SESSION_TAKEN) this.token = null; // another connection holds our session: start a new one
+    const final = this.state === "closed" || REFUSED_STATUSES.has(status) || !shouldReconnect(code, false);
+    const keep = this.token !== null && !final; // a resume may still answer them
+    const lost = keep ? [] : [...this.written].sort((a, b) => a - b);
     for (const id of lost) this.pending.delete(id);
-    this.written.clear();
+    if (!keep) this.written.clear();
     if (this.state === "closed") return [lost, null];
-    if (REFUSED_STATUSES.has(status) || !shouldReconnect(code, false)) {
+    if (final) {
       this.state = "closed";
       return [lost, null];
     }
@@ -247,6 +407,53 @@ export class Session {
     this.written.clear();
     return ids;
   }
+
+  // -- JS only: keeping a session across page loads (TetherClient's `persist` option)
+
+  /**
+   * What a reloaded page needs to resume this session, as plain JSON-able data, or null
+   * without one: the token, `seq`, `direct`, the room positions, the next request id and the
+   * newest unacked payloads (at most `maxMessages` of them and `maxBytes` characters in all;
+   * `dropped` counts the older ones left out).
+   */
+  snapshot({ maxMessages = Infinity, maxBytes = Infinity } = {}) {
+    if (this.token === null) return null;
+    const unacked = [];
+    let size = 0;
+    for (let i = this.unacked.length - 1; i >= 0 && unacked.length < maxMessages; i--) {
+      const [seq, payload] = this.unacked[i];
+      if (size + payload.length > maxBytes) break;
+      size += payload.length;
+      unacked.unshift([seq, payload]);
+    }
+    return {
+      token: this.token, sessionId: this.sessionId, seq: this.seq, direct: this.direct,
+      rooms: this.positions(), nextId: this.#nextId, unacked, dropped: this.unacked.length - unacked.length,
+    };
+  }
+
+  /**
+   * Continue a session from a {@link snapshot} (before the first connection). Its unacked
+   * messages come back as one-way ones (the page that sent a request is gone: nobody waits for
+   * its reply). @throws {TypeError} if `saved` does not look like a snapshot.
+   */
+  restore(saved) {
+    const { token, sessionId = null, seq, direct, rooms, nextId, unacked } = saved ?? {};
+    const count = (n) => Number.isInteger(n) && n >= 0;
+    const valid = typeof token === "string" && count(seq) && count(direct) && count(nextId) && Array.isArray(unacked)
+      && unacked.every((e) => Array.isArray(e) && count(e[0]) && typeof e[1] === "string")
+      && rooms !== null && typeof rooms === "object"
+      && Object.values(rooms).every((p) => p !== null && typeof p === "object" && count(p.offset));
+    if (!valid) throw new TypeError("not a saved session");
+    Object.assign(this, { token, sessionId, seq, direct, directAcked: direct });
+    this.#nextId = Math.max(this.#nextId, nextId);
+    this.unacked = unacked.map(([n, payload]) => [n, payload, null]);
+    this.rooms = new Map(Object.entries(rooms).map(([room, p]) => [room, new RoomCursor(p.epoch ?? null, p.offset)]));
+  }
+}
+
+function welcome(resumed, resend, lost, lostMessages, roomsLost) {
+  return Object.freeze({ resumed, resend, lost, lostMessages, roomsLost });
 }
 
 // ---- Client --------------------------------------------------------------------
