@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 import tether
-from tether.server.logs import ACCESS, JSONFormatter, configure
 from tests.conftest import ServerFactory, echo, make_server, timeout  # noqa: F401
 from tests.test_forwarded import open_from
 from tests.tether_run import Typed
+from tether.server.logs import ACCESS, JSONFormatter, configure
 
 
 def access(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogRecord]:

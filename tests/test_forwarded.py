@@ -21,10 +21,10 @@ from multidict import CIMultiDict
 from websockets.asyncio.client import ClientConnection, connect
 
 import tether
+from tests.conftest import ServerFactory, make_server, timeout  # noqa: F401
 from tether.conn import make_request
 from tether.transport.base import FORBIDDEN_ORIGIN, Admitted, Policy
 from tether.transport.forwarded import TrustedProxies, parse_forwarded, parse_node
-from tests.conftest import ServerFactory, make_server, timeout  # noqa: F401
 
 # -- parsing ---------------------------------------------------------------------------------
 

@@ -29,12 +29,12 @@ import msgspec
 import pytest
 
 import tether
-from tether.metrics import BUCKETS, FAMILIES, Metrics
 from tests.conftest import ServerFactory, make_server, timeout  # noqa: F401
 from tests.metrics_helpers import families, parse, scrape, value
 from tests.rawws import RawWS
 from tests.redis_fixture import RedisServer, eventually, redis_server  # noqa: F401
 from tests.tether_run import TetherRun, Typed, get, tether_run  # noqa: F401
+from tether.metrics import BUCKETS, FAMILIES, Metrics
 
 # -- the hooks and the exposition, no server --------------------------------------------------
 
@@ -426,10 +426,11 @@ async def test_slow_consumer_close_is_counted(make_server: ServerFactory) -> Non
 # -- tether run --workers 2: one aggregated view from either worker ---------------------------------
 @pytest.mark.redis
 async def test_two_workers_scrape_adds_up_both_and_survives_a_worker_death(
-    tether_run: Callable[..., TetherRun], redis_server: RedisServer, no_leftover_metrics_dirs: set[str]  # noqa: F811
+    tether_run: Callable[..., TetherRun], redis_server: RedisServer  # noqa: F811
 ) -> None:
     proc = await tether_run("ops_app:app", "--workers", "2", "--broker", redis_server.url).start(30)
     clients: dict[int, list[Typed]] = {}
+    dirs: set[str] = set()
     async with timeout(60):
         before = await scrape(proc.port)
         opened = 0
@@ -437,8 +438,13 @@ async def test_two_workers_scrape_adds_up_both_and_survives_a_worker_death(
             assert opened < 60, "SO_REUSEPORT gave both workers connections"
             client = Typed(await tether.connect(proc.url(query="room=lobby")))
             opened += 1
-            clients.setdefault((await client.request("whoami"))["pid"], []).append(client)
+            who = await client.request("whoami")
+            clients.setdefault(who["pid"], []).append(client)
+            dirs.add(who["metrics_dir"])
         pids = list(clients)
+        (name,) = dirs  # tether run gave both workers one directory
+        directory = Path(name)
+        assert directory.is_dir()
         first = clients[pids[0]][0]
         await first.request("say", {"room": "lobby", "text": "hello"})
         for client in clients[pids[1]]:
@@ -479,15 +485,5 @@ async def test_two_workers_scrape_adds_up_both_and_survives_a_worker_death(
             await client.conn.close()
     proc.signal(signal.SIGTERM)
     assert await proc.wait(30) == 0
+    assert not directory.exists(), "tether run removes the metrics directory it made"
 
-
-@pytest.fixture
-async def no_leftover_metrics_dirs() -> AsyncIterator[set[str]]:
-    import tempfile
-
-    def dirs() -> set[str]:
-        return {p.name for p in Path(tempfile.gettempdir()).glob("tether-metrics-*")}
-
-    before = dirs()
-    yield before
-    assert dirs() <= before, "tether run --workers removes its metrics directory"

@@ -5,8 +5,8 @@
 
 Clients connect to ``/ws`` (``?room=R`` joins room R at connect). Message types:
 
-- ``whoami`` -> ``{"pid", "remote": [host, port], "origin"}`` (the server process, and who the
-  connection says its client is);
+- ``whoami`` -> ``{"pid", "remote": [host, port], "origin", "metrics_dir"}`` (the server
+  process, who the connection says its client is, the shared metrics directory of workers);
 - ``echo`` data -> data;
 - ``say`` ``{"room", "text"}`` broadcasts ``said`` ``{"text", "pid"}`` to the room;
 - ``fail`` raises (an ``internal`` error reply); ``refuse`` raises ``ReplyError("nope", ...)``.
@@ -38,7 +38,12 @@ def make_app() -> dict[str, tether.App]:
 
     @app.on("whoami")
     def whoami(conn: tether.Conn) -> dict[str, Any]:
-        return {"pid": os.getpid(), "remote": conn.remote_address, "origin": conn.headers.get("Origin")}
+        return {
+            "pid": os.getpid(),
+            "remote": conn.remote_address,
+            "origin": conn.headers.get("Origin"),
+            "metrics_dir": os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
+        }
 
     @app.on("echo")
     def echo(conn: tether.Conn, data: Any) -> Any:
