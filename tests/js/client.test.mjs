@@ -1,62 +1,10 @@
-// static/tether.js client behaviour with a fake WebSocket and node:test mock timers.
+// static/tether.js client behaviour with a fake WebSocket and node:test mock timers (no sessions:
+// the fake server's welcome has none; tests/js/resume.test.mjs has the session behaviour).
 import { test } from "node:test";
 import assert from "node:assert/strict";
 
-import { connect, ReplyError } from "../../src/tether/static/tether.js";
-
-const START = 1_000_000; // ms: the mocked Date.now() when a test starts
-const WELCOME = { type: "welcome", data: { heartbeat: { interval: 25, timeout: 10 } } };
-
-/** A WebSocket class recording every instance; tests drive it with open/receive/drop. */
-function fakeWebSocketClass() {
-  return class FakeSocket {
-    static instances = [];
-    readyState = 0;
-    sent = [];
-    closedWith = null;
-    onopen = null; onmessage = null; onerror = null; onclose = null;
-
-    constructor(url) {
-      this.url = new URL(url);
-      FakeSocket.instances.push(this);
-    }
-    send(text) {
-      assert.equal(this.readyState, 1, "send on a socket that is not open");
-      this.sent.push(JSON.parse(text));
-    }
-    close(code, reason) {
-      this.readyState = 2;
-      this.closedWith = { code, reason };
-    }
-    open() {
-      this.readyState = 1;
-      this.onopen?.({});
-    }
-    receive(message) {
-      this.onmessage?.({ data: JSON.stringify(message) });
-    }
-    drop(code = 1006, reason = "") {
-      this.readyState = 3;
-      this.onclose?.({ code, reason });
-    }
-  };
-}
-
-/** Mock timers and Math.random, connect, and record the client's events. */
-function setup(t, options = {}) {
-  t.mock.timers.enable({ apis: ["setTimeout", "Date"], now: START });
-  t.mock.method(Math, "random", () => 0.5);
-  const WebSocket = fakeWebSocketClass();
-  const client = connect("ws://example.test/ws", { WebSocket, reconnectOnWake: false, ...options });
-  const events = [];
-  for (const name of ["open", "close", "reconnecting", "reconnected", "error", "outboxoverflow"]) {
-    client.addEventListener(name, (event) => events.push([name, event.detail]));
-  }
-  t.after(() => client.close());
-  return { client, sockets: WebSocket.instances, events, tick: (ms) => t.mock.timers.tick(ms) };
-}
-
-const named = (name) => (error) => error.name === name;
+import { ReplyError } from "../../src/tether/static/tether.js";
+import { named, setup, START, WELCOME } from "./fake_socket.mjs";
 
 test("client reconnects with full-jitter backoff after an unclean close", (t) => {
   const { client, sockets, events, tick } = setup(t);
@@ -239,8 +187,7 @@ test("client rejects requests written to a dropped socket with ConnectionLost", 
 
 test("client answers a server heartbeat with the same data and measures latency", (t) => {
   const { client, sockets, tick } = setup(t);
-  sockets[0].open();
-  sockets[0].receive(WELCOME);
+  sockets[0].open(WELCOME);
   const probe = sockets[0].sent.at(-1);
   assert.deepEqual(probe, { type: "heartbeat", data: { t: START } });
   sockets[0].receive({ type: "heartbeat", data: { t: 1234.5 } });
@@ -254,8 +201,7 @@ test("client answers a server heartbeat with the same data and measures latency"
 
 test("client declares a silent server dead and reconnects", (t) => {
   const { client, sockets, events, tick } = setup(t);
-  sockets[0].open();
-  sockets[0].receive(WELCOME);
+  sockets[0].open(WELCOME);
   tick(25_000); // 25 s of silence <= interval + timeout
   assert.equal(client.state, "open");
   tick(25_000); // 50 s > 35 s, and the check ran on time
@@ -268,8 +214,7 @@ test("client declares a silent server dead and reconnects", (t) => {
 
 test("client notices a dead server within interval + timeout of its last message", (t) => {
   const { client, sockets, tick } = setup(t);
-  sockets[0].open();
-  sockets[0].receive(WELCOME);
+  sockets[0].open(WELCOME);
   const advance = (ms) => { for (let i = 0; i < ms; i += 100) tick(Math.min(100, ms - i)); }; // time passing
   advance(20_000);
   sockets[0].receive({ type: "heartbeat", data: { t: 1 } }); // last sign of life at 20 s
@@ -281,8 +226,7 @@ test("client notices a dead server within interval + timeout of its last message
 
 test("client stays open while the server keeps sending", (t) => {
   const { client, sockets, tick } = setup(t);
-  sockets[0].open();
-  sockets[0].receive(WELCOME);
+  sockets[0].open(WELCOME);
   for (let i = 0; i < 10; i++) {
     tick(20_000);
     sockets[0].receive({ type: "heartbeat", data: { t: i } });
@@ -292,8 +236,7 @@ test("client stays open while the server keeps sending", (t) => {
 
 test("client probes instead of declaring death when its timer ran late", (t) => {
   const { client, sockets, tick } = setup(t);
-  sockets[0].open();
-  sockets[0].receive(WELCOME);
+  sockets[0].open(WELCOME);
   const sentBefore = sockets[0].sent.length;
   t.mock.timers.setTime(START + 3_600_000); // the tab was suspended for an hour
   tick(1); // the overdue check runs now, very late
@@ -314,8 +257,7 @@ test("client probes instead of declaring death when its timer ran late", (t) => 
 
 test("client without heartbeat settings never times out", (t) => {
   const { client, sockets, tick } = setup(t);
-  sockets[0].open();
-  sockets[0].receive({ type: "welcome", data: { heartbeat: { interval: null, timeout: null } } });
+  sockets[0].open({ type: "welcome", data: { heartbeat: { interval: null, timeout: null } } });
   tick(3_600_000);
   assert.equal(client.state, "open");
   assert.deepEqual(sockets[0].sent, []);

@@ -8,11 +8,15 @@
  *     const sum = await client.request("add", { a: 1, b: 2 });
  *
  * Wire protocol: docs/protocol.md. The reconnect schedule, the heartbeat decisions and
- * the session core (outbox, pending requests, reconnect decisions) are line-by-line ports
- * of tether/proto/backoff.py, tether/proto/keepalive.py and tether/proto/session.py,
- * checked against the same vectors (tests/vectors/*.json). Like there, times in those
- * functions are seconds, and so are the options passed on to them (backoff, maxRetryAfter);
- * the client's own times (requestTimeout, event delays, latency) are ms.
+ * the session core (outbox, pending requests, reconnect decisions, and the session's
+ * streams: seq, acks, room offsets) are line-by-line ports of tether/proto/backoff.py,
+ * tether/proto/keepalive.py and tether/proto/session.py, checked against the same vectors
+ * (tests/vectors/*.json). Like there, times in those functions are seconds, and so are the
+ * options passed on to them (backoff, maxRetryAfter); the client's own times
+ * (requestTimeout, ackDelay, event delays, latency) are ms.
+ *
+ * Sessions (option `resume`, on by default; docs/clients.md): what is sent and received
+ * survives a reconnect in both directions, and with `persist` a page reload too.
  *
  * @module tether
  */
@@ -22,7 +26,10 @@
 /** Close codes after which reconnecting cannot help: rate limited, auth rejected, forbidden. */
 const NO_RECONNECT_CODES = new Set([1008, 4001, 4003]);
 const SECONDS = /^[0-9]+(?:\.[0-9]+)?$/;
-/** The subprotocol a tether server selects; offered with `token.<token>` when a token is set. */
+/**
+ * The subprotocol a tether server selects; offered with `token.<token>` when a token is set
+ * and with `session` / `session.<token>.<direct>` (the session offer) with `resume`.
+ */
 const SUBPROTOCOL = "tether";
 
 /**
@@ -460,6 +467,8 @@ function welcome(resumed, resend, lost, lostMessages, roomsLost) {
 
 const OPEN = 1; // WebSocket.OPEN
 const MAX_PROBES = 16; // outstanding latency probes remembered per connection
+/** `persist`: at most this many characters of unacked messages are kept for a reload. */
+const PERSIST_MAX_CHARS = 1 << 20;
 
 /** An `error` reply from the server: `code` as in docs/protocol.md, `path` for invalid_data. */
 export class ReplyError extends Error {
@@ -482,23 +491,49 @@ function reportError(error) {
   else queueMicrotask(() => { throw error; });
 }
 
+/** Whether a parsed message is an envelope (the fields tether.Client's decoder checks). */
+function isEnvelope(message) {
+  const integer = (value) => value == null || Number.isInteger(value);
+  return message !== null && typeof message === "object" && typeof message.type === "string"
+    && (message.room == null || typeof message.room === "string")
+    && integer(message.off) && integer(message.seq) && integer(message.ack);
+}
+
+/** The Storage a `persist` option names, or null (none, or sessionStorage is blocked). */
+function storageOf(persist) {
+  if (persist == null || persist === false) return null;
+  if (persist === "sessionStorage") {
+    try {
+      return globalThis.sessionStorage ?? null;
+    } catch {
+      return null; // blocked (sandboxed frame, privacy settings): no persistence, as without the option
+    }
+  }
+  if (["getItem", "setItem", "removeItem"].every((name) => typeof persist[name] === "function")) return persist;
+  throw new TypeError('persist must be "sessionStorage" or a Storage object');
+}
+
 /**
  * A reconnecting connection to a tether typed app. Create it with {@link connect}. Its
- * decisions (outbox, pending requests, when to reconnect) are a {@link Session}'s; this
- * class owns the socket, the timers and the promises.
+ * decisions (outbox, pending requests, when to reconnect, the session's streams) are a
+ * {@link Session}'s; this class owns the socket, the timers, the promises and the storage.
  *
- * Events (all `CustomEvent`s, details in tether.d.ts): "open" on every connection,
- * "reconnected" on every one after the first, "close" when a socket closes and once
- * when the client itself becomes closed (`detail.willReconnect` tells which),
- * "reconnecting" when a retry is scheduled, "error" for socket errors and error replies
- * that match no request, "outboxoverflow" when the outbox drops its oldest message.
+ * Events (all `CustomEvent`s, details in tether.d.ts): "open" when a connection's welcome
+ * arrived (sending works), "reconnected" on every one after the first, "resumed" after each
+ * reconnect with a session (`{resumed, lostMessages}`), "gap" for messages that will never
+ * come (`{room, first, last, reason}`), "close" when a socket closes and once when the client
+ * itself becomes closed (`detail.willReconnect` tells which), "reconnecting" when a retry is
+ * scheduled, "error" for socket errors and error replies that match no request,
+ * "outboxoverflow" when the outbox drops its oldest message.
  */
 export class TetherClient extends EventTarget {
-  #url; #params; #token; #WebSocket; #requestTimeout; #session;
+  #url; #params; #token; #WebSocket; #requestTimeout; #session; #ackDelay; #storage; #storageKey;
   #ws = null;
+  #early = null; // messages that came before the current socket's welcome (handled after it), or null
   #handlers = new Map(); // type -> Set of handlers
   #requests = new Map(); // request id -> { resolve, reject, timer }; the Session says which are pending
   #reconnectTimer = null;
+  #ackTimer = null; // a standalone ack goes out when it fires, if no message carried it meanwhile
   #notBefore = 0; // ms timestamp before which a 1001 retry_after forbids reconnecting
   #heartbeat = { interval: null, timeout: null }; // seconds, from the welcome message
   #lastProbe = 0; // ms: when our last heartbeat went out
@@ -507,18 +542,30 @@ export class TetherClient extends EventTarget {
   #lastCheck = 0;
   #probes = new Set(); // `t` of our own heartbeats not yet echoed
   #latency = null;
-  #wakeListeners = [];
+  #restored = null; // restored from storage: messages that did not fit there (until the first welcome)
+  #listeners = []; // [target, name, listener] on the page, removed once closed
 
   /** @param {string | URL} url @param {import("./tether.d.ts").ConnectOptions} [options] */
   constructor(url, options = {}) {
     super();
-    const { params = {}, token = null, outboxSize = 100, requestTimeout = 10000, backoff = {}, maxRetryAfter = 60 } = options;
-    this.#session = new Session({ outboxSize, backoff: new Backoff(backoff), maxRetryAfter }); // seconds, like Python
+    const {
+      params = {}, token = null, outboxSize = 100, requestTimeout = 10000, backoff = {}, maxRetryAfter = 60,
+      resume = true, ackDelay = 1000, persist = null, persistKey = null,
+    } = options;
+    // seconds, like Python
+    this.#session = new Session({ outboxSize, backoff: new Backoff(backoff), maxRetryAfter, resume: Boolean(resume) });
     this.#url = new URL(url, globalThis.location?.href); // throws now on a bad URL, not on every retry
     this.#params = typeof params === "function" ? params : () => params;
     this.#token = typeof token === "function" ? token : () => token;
     this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this.#requestTimeout = requestTimeout;
+    this.#ackDelay = ackDelay;
+    this.#storage = resume ? storageOf(persist) : null;
+    this.#storageKey = persistKey ?? `tether.session ${this.#url.protocol}//${this.#url.host}${this.#url.pathname}`;
+    if (this.#storage !== null) {
+      this.#restore();
+      this.#listenForUnload();
+    }
     if (options.reconnectOnWake ?? true) this.#listenForWake();
     this.#open();
   }
@@ -529,7 +576,10 @@ export class TetherClient extends EventTarget {
   /** Last measured heartbeat round trip in ms, or null. */
   get latency() { return this.#latency; }
 
-  /** Call `handler(data)` for every server message of `type`; returns an unsubscribe function. */
+  /**
+   * Call `handler(data, room)` for every server message of `type` (`room`: the room a
+   * broadcast went to, null for a message to this client only); returns an unsubscribe function.
+   */
   on(type, handler) {
     if (!this.#handlers.has(type)) this.#handlers.set(type, new Set());
     const handlers = this.#handlers.get(type);
@@ -540,6 +590,7 @@ export class TetherClient extends EventTarget {
   /**
    * Send a one-way message. While not open it waits in the outbox (bounded by `outboxSize`,
    * flushed in order on reconnect; when full, the oldest is dropped and "outboxoverflow" fires).
+   * With a session it is kept until the server acks it and resent after a resume.
    * @throws {Error} named "ClientClosed" after close() or a final close from the server.
    */
   send(type, data) {
@@ -550,8 +601,9 @@ export class TetherClient extends EventTarget {
   /**
    * Send a request and resolve with the reply's data. Rejects with a {@link ReplyError} on an
    * error reply, an Error named "TimeoutError" after `timeout` ms (null: never), "ConnectionLost"
-   * if the socket it was written to dropped, "OutboxOverflow" if dropped from a full outbox,
-   * "ClientClosed" if the client closed first.
+   * if the socket it was written to dropped (with a session: if the session could not be
+   * resumed), "OutboxOverflow" if dropped from a full outbox, "ClientClosed" if the client
+   * closed first.
    */
   request(type, data, { timeout = this.#requestTimeout } = {}) {
     return new Promise((resolve, reject) => {
@@ -562,7 +614,13 @@ export class TetherClient extends EventTarget {
         this.#reject([id], () => namedError("TimeoutError", `request "${type}" timed out after ${timeout} ms`));
       }, timeout);
       this.#requests.set(id, { resolve, reject, timer });
-      this.#push({ type, data, id });
+      try {
+        this.#push({ type, data, id });
+      } catch (error) { // data that JSON cannot encode: this request never existed
+        this.#session.forget(id);
+        this.#takeRequest(id);
+        throw error;
+      }
     });
   }
 
@@ -576,7 +634,10 @@ export class TetherClient extends EventTarget {
     else this.#retry();
   }
 
-  /** Close deliberately: never reconnects; pending requests and the outbox are dropped. */
+  /**
+   * Close deliberately: never reconnects; pending requests and the outbox are dropped, the
+   * server ends the session (close code 1000) and a persisted session is forgotten.
+   */
   close() {
     if (this.state === "closed") return;
     this.#drop(1000, "");
@@ -605,16 +666,21 @@ export class TetherClient extends EventTarget {
     for (const [key, value] of Object.entries(params ?? {})) {
       if (value != null) url.searchParams.set(key, String(value));
     }
+    // Browsers cannot set headers: the token and the session travel as extra subprotocols
+    // (which, unlike query parameters, stay out of access logs). The server selects "tether".
+    const offered = [];
+    if (token != null) offered.push(`token.${token}`);
+    const offer = this.#session.offer();
+    if (offer !== null) offered.push(offer);
     let ws;
     try {
-      // Browsers cannot set headers: the token travels as a second subprotocol, which
-      // (unlike a query parameter) stays out of access logs. The server selects "tether".
-      ws = token == null ? new this.#WebSocket(url.href) : new this.#WebSocket(url.href, [SUBPROTOCOL, `token.${token}`]);
+      ws = offered.length === 0 ? new this.#WebSocket(url.href) : new this.#WebSocket(url.href, [SUBPROTOCOL, ...offered]);
     } catch (error) {
       return this.#failOpen(error);
     }
     this.#ws = ws;
-    ws.onopen = () => this.#onOpen();
+    this.#early = [];
+    ws.onopen = () => { this.#lastReceived = this.#lastCheck = Date.now(); };
     ws.onmessage = (event) => this.#onMessage(event.data);
     ws.onerror = () => this.#emit("error", namedError("SocketError", "WebSocket error"));
     ws.onclose = (event) => { this.#ws = null; this.#onClose(event.code, event.reason); };
@@ -625,17 +691,12 @@ export class TetherClient extends EventTarget {
     this.#onClose(null, "");
   }
 
-  #onOpen() {
-    this.#lastReceived = this.#lastCheck = Date.now();
-    // The session marks the flushed requests written; the socket is OPEN in onopen.
-    for (const [message] of this.#session.connected(Date.now() / 1000)) this.#write(message);
-    this.#emit("open");
-    if (this.#session.opened > 1) this.#emit("reconnected");
-  }
-
   /** A socket closed or could not open (`code` null): fail what it lost, then retry or finish. */
   #onClose(code, reason) {
     clearTimeout(this.#checkTimer);
+    clearTimeout(this.#ackTimer);
+    this.#ackTimer = null;
+    this.#early = null;
     this.#probes.clear();
     const wasClosed = this.state === "closed";
     // A browser never sees the HTTP status of a refused handshake: no `status` to pass.
@@ -643,6 +704,7 @@ export class TetherClient extends EventTarget {
     this.#reject(lost, () => namedError("ConnectionLost", "connection lost before the reply"));
     if (wasClosed) return;
     if (retry === null) return this.#finish(code, reason);
+    this.#save(); // e.g. a 4009 took the session away: a reload must not take it back
     const delay = retry.delay * 1000;
     this.#notBefore = Date.now() + retry.notBefore * 1000;
     this.#reconnectTimer = setTimeout(() => this.#retry(), delay);
@@ -660,7 +722,10 @@ export class TetherClient extends EventTarget {
     const ids = this.#session.close(); // the outbox is dropped
     clearTimeout(this.#reconnectTimer);
     clearTimeout(this.#checkTimer);
-    for (const [target, name, listener] of this.#wakeListeners) target.removeEventListener(name, listener);
+    clearTimeout(this.#ackTimer);
+    for (const [target, name, listener] of this.#listeners) target.removeEventListener(name, listener);
+    this.#listeners = [];
+    this.#forgetStored(); // the session is over: nothing to resume after a reload
     this.#reject(ids, () => namedError("ClientClosed", "client closed"));
     this.#emit("close", { code, reason, willReconnect: false });
   }
@@ -674,13 +739,59 @@ export class TetherClient extends EventTarget {
     try { ws.close(code, reason); } catch { /* already closing */ }
   }
 
+  #listen(target, name, listener) {
+    target.addEventListener(name, listener);
+    this.#listeners.push([target, name, listener]);
+  }
+
   #listenForWake() {
     const doc = globalThis.document;
-    const onVisible = () => { if (doc.visibilityState === "visible") this.wake(); };
-    const onOnline = () => this.wake();
-    if (doc?.addEventListener) this.#wakeListeners.push([doc, "visibilitychange", onVisible]);
-    if (globalThis.addEventListener) this.#wakeListeners.push([globalThis, "online", onOnline]);
-    for (const [target, name, listener] of this.#wakeListeners) target.addEventListener(name, listener);
+    if (doc?.addEventListener) this.#listen(doc, "visibilitychange", () => { if (doc.visibilityState === "visible") this.wake(); });
+    if (globalThis.addEventListener) this.#listen(globalThis, "online", () => this.wake());
+  }
+
+  // -- persist: the session in a Storage, so that a reloaded page resumes it
+
+  #listenForUnload() {
+    // A page that goes away may never run again (a reload, or a hidden tab the browser
+    // discards): keep what it has now. pagehide comes on every unload; hidden, on mobile.
+    const doc = globalThis.document;
+    if (globalThis.addEventListener) this.#listen(globalThis, "pagehide", () => this.#save());
+    if (doc?.addEventListener) this.#listen(doc, "visibilitychange", () => { if (doc.visibilityState === "hidden") this.#save(); });
+  }
+
+  #restore() {
+    let saved;
+    try {
+      saved = JSON.parse(this.#storage.getItem(this.#storageKey) ?? "null");
+    } catch {
+      saved = null;
+    }
+    if (saved === null) return;
+    try {
+      this.#session.restore(saved);
+      this.#restored = Number.isInteger(saved.dropped) ? saved.dropped : 0;
+    } catch {
+      this.#forgetStored(); // not ours, or from another version: start a new session
+    }
+  }
+
+  #save() {
+    if (this.#storage === null || this.state === "closed") return;
+    const snapshot = this.#session.snapshot({ maxMessages: this.#session.outboxSize, maxBytes: PERSIST_MAX_CHARS });
+    if (snapshot === null) return this.#forgetStored();
+    try {
+      this.#storage.setItem(this.#storageKey, JSON.stringify(snapshot));
+    } catch { // full (QuotaExceededError): keep the session, without its messages
+      const { unacked, dropped } = snapshot;
+      try {
+        this.#storage.setItem(this.#storageKey, JSON.stringify({ ...snapshot, unacked: [], dropped: dropped + unacked.length }));
+      } catch { /* nothing can be kept */ }
+    }
+  }
+
+  #forgetStored() {
+    try { this.#storage?.removeItem(this.#storageKey); } catch { /* blocked: nothing was kept */ }
   }
 
   // -- sending
@@ -693,26 +804,25 @@ export class TetherClient extends EventTarget {
     return this.state === "open" && this.#ws?.readyState === OPEN;
   }
 
-  /** Write `message` now or queue it, as the session says (the envelope is its payload). */
+  /** Write `message` now or queue it, as the session says (its JSON is the payload). */
   #push(message) {
     const id = message.id ?? null;
-    let [writeNow, dropped] = this.#session.send(message, id);
+    const payload = JSON.stringify(message);
+    const session = this.#session;
+    let [writeNow, dropped] = session.send(payload, id);
     if (writeNow) {
-      if (this.#ws?.readyState === OPEN) {
-        this.#write(message);
-        return this.#session.wrote(id);
-      }
-      dropped = this.#session.queue(message, id); // the socket is closing: wait for the next one
+      if (this.#ws?.readyState === OPEN) return this.#write(session.wrote(id, payload));
+      dropped = session.queue(payload, id); // the socket is closing: wait for the next one
     }
     if (dropped === null) return;
-    const [droppedMessage, droppedId] = dropped;
+    const [droppedPayload, droppedId] = dropped;
     if (droppedId !== null) this.#reject([droppedId], () => namedError("OutboxOverflow", "dropped from a full outbox"));
-    this.#emit("outboxoverflow", { message: droppedMessage });
+    this.#emit("outboxoverflow", { message: JSON.parse(droppedPayload) });
   }
 
   /** The one place that writes to the socket. */
-  #write(message) {
-    this.#ws.send(JSON.stringify(message));
+  #write(text) {
+    this.#ws.send(text);
   }
 
   /** Reject the promises of `ids` (no longer pending in the session) with `makeError()`. */
@@ -728,6 +838,17 @@ export class TetherClient extends EventTarget {
     return entry;
   }
 
+  /** A direct message arrived: ack it within ackDelay if nothing we send carries the ack. */
+  #ackLater() {
+    if (this.#ackTimer === null) this.#ackTimer = setTimeout(() => this.#sendAck(), this.#ackDelay);
+  }
+
+  #sendAck() {
+    this.#ackTimer = null;
+    const ack = this.#isOpen() ? this.#session.ackDue() : null;
+    if (ack !== null) this.#write(JSON.stringify({ type: "ack", ack }));
+  }
+
   // -- receiving
 
   #onMessage(raw) {
@@ -738,16 +859,42 @@ export class TetherClient extends EventTarget {
     } catch {
       return; // not JSON (or binary): nothing a typed app sends
     }
-    if (message === null || typeof message !== "object" || typeof message.type !== "string") return;
+    if (!isEnvelope(message)) return;
+    const early = this.#early;
+    if (early === null) return this.#dispatch(message);
+    if (message.type !== "welcome") return void early.push(message); // the new session's: handled after the welcome
+    this.#early = null;
+    const ws = this.#ws;
+    this.#dispatch(message);
+    for (const previous of early) {
+      if (this.#ws !== ws) return; // closed meanwhile (by a handler, say)
+      this.#dispatch(previous);
+    }
+  }
+
+  #dispatch(message) {
+    const session = this.#session;
+    const seq = message.seq ?? null;
+    const room = message.room ?? null;
+    if (seq !== null) {
+      if (!session.received(seq)) return; // replayed after a resume, and seen already
+      this.#ackLater();
+    }
+    session.acked(message.ack ?? null);
+    if (room !== null && seq === null && !session.roomMessage(room, message.off ?? null)) return; // a replay overlapping live traffic
     const data = message.data ?? null;
     switch (message.type) {
       case "welcome": return this.#onWelcome(data);
       case "reply": return this.#onReply(message.id, data);
       case "error": return this.#onError(message.id, data ?? {});
       case "heartbeat": return this.#onHeartbeat(data);
+      case "joined": return this.#onJoined(room, data);
+      case "left": return void (room !== null && session.left(room));
+      case "gap": return this.#onGap(room, data);
+      case "ack": return;
     }
     for (const handler of [...(this.#handlers.get(message.type) ?? [])]) {
-      try { handler(data); } catch (error) { reportError(error); }
+      try { handler(data, room); } catch (error) { reportError(error); }
     }
   }
 
@@ -761,19 +908,51 @@ export class TetherClient extends EventTarget {
     else this.#emit("error", error);
   }
 
+  /** The server's welcome: resume the streams (or learn they are gone), flush, then open. */
   #onWelcome(data) {
+    const ws = this.#ws;
+    if (ws?.readyState !== OPEN) return; // closing already: its close comes next, the next socket starts over
+    const session = this.#session;
+    const welcome = session.welcomed(data !== null && typeof data === "object" ? data.session ?? null : null);
+    if (welcome.resumed) {
+      this.#write(JSON.stringify({ type: "resume", data: { rooms: session.positions() } }));
+      for (const payload of welcome.resend) this.#write(payload);
+    }
+    this.#reject(welcome.lost, () => namedError("ConnectionLost", "the session could not be resumed: the request may or may not have run"));
+    for (const room of welcome.roomsLost) this.#emit("gap", { room, first: 0, last: 0, reason: "session" });
+    const restored = this.#restored;
+    this.#restored = null;
+    if ((session.opened > 0 || restored !== null) && session.resume) {
+      this.#emit("resumed", { resumed: welcome.resumed, lostMessages: welcome.lostMessages + (restored ?? 0) });
+    }
+    if (this.state === "closed" || this.#ws !== ws) return; // a listener closed the client
+    for (const [payload, id] of session.connected(Date.now() / 1000)) this.#write(session.wrote(id, payload));
     const { interval = null, timeout = null } = data?.heartbeat ?? {};
     this.#heartbeat = { interval, timeout };
     this.#lastCheck = Date.now();
     this.#scheduleCheck();
     if (interval != null) this.#probe();
+    this.#save(); // the token may be new
+    this.#emit("open");
+    if (session.opened > 1) this.#emit("reconnected");
+  }
+
+  #onJoined(room, data) {
+    if (room === null || data === null || typeof data !== "object") return;
+    this.#session.joined(room, data.epoch ?? null, Number.isInteger(data.offset) ? data.offset : 0);
+  }
+
+  #onGap(room, data) {
+    if (data === null || typeof data !== "object") return;
+    if (room !== null) this.#session.roomGap(room, Number.isInteger(data.last) ? data.last : 0, data.epoch ?? null);
+    this.#emit("gap", { room, first: data.first ?? null, last: data.last ?? null, reason: data.reason ?? null });
   }
 
   #onHeartbeat(data) {
     if (this.#probes.delete(data?.t)) {
       this.#latency = Date.now() - data.t; // the echo of one of our probes
     } else if (this.#isOpen()) {
-      this.#write({ type: "heartbeat", data }); // the server's: answer with the same data
+      this.#write(JSON.stringify({ type: "heartbeat", data })); // the server's: answer with the same data
     }
   }
 
@@ -810,7 +989,7 @@ export class TetherClient extends EventTarget {
     this.#lastProbe = t;
     this.#probes.add(t);
     if (this.#probes.size > MAX_PROBES) this.#probes.delete(this.#probes.values().next().value);
-    this.#write({ type: "heartbeat", data: { t } });
+    this.#write(JSON.stringify({ type: "heartbeat", data: { t } }));
   }
 
   #emit(name, detail) {
