@@ -15,18 +15,24 @@ session (``resumed: true``); otherwise it gets a new one (``resumed: false``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+import msgspec
+
+from .auth import Identity
 from .conn import Conn, ConnState
 from .errors import ConnectionClosedOK
 from .proto.envelope import Id, encode_message
 from .proto.frames import OP_TEXT
 from .proto.resume import DirectLog, Gap, Inbound
 
-__all__ = ["Resume", "Session", "Sessions", "SESSION", "RESUME_PREFIX"]
+__all__ = ["Resume", "Saved", "Session", "SessionStore", "Sessions", "SESSION", "RESUME_PREFIX", "RELEASE_TIMEOUT"]
+
+logger = logging.getLogger("tether")
 
 #: The subprotocol entry a client offers to get a session; ``session.<token>.<ack>`` resumes one.
 SESSION = "session"
@@ -57,10 +63,38 @@ class Membership:
     presence: bool
 
 
+class Saved(msgspec.Struct, array_like=True):
+    """A session as another process reads it (``Session.save`` / ``Session.restore``).
+
+    ``node`` is the process holding its connection, None while detached. ``assigns`` and
+    ``identity`` travel when msgspec can encode them (what cannot is left out, logged).
+    """
+
+    id: str
+    token: str
+    node: str | None
+    inbound: int
+    direct_seq: int
+    direct_acked: int
+    direct: list[tuple[int, bytes]]
+    rooms: dict[str, tuple[bytes, bool]]
+    member: str | None
+    assigns: dict[str, Any]
+    identity: Any
+    resumed: int
+
+
+_saved = msgspec.msgpack.Decoder(Saved)
+_encode = msgspec.msgpack.Encoder().encode
+
+
 class Session:
     """One client's session, across its connections."""
 
-    __slots__ = ("id", "token", "settings", "inbound", "direct", "rooms", "member", "assigns", "identity", "conn", "live", "_expiry", "_ack_timer", "resumed", "ended")
+    __slots__ = (
+        "id", "token", "settings", "inbound", "direct", "rooms", "member", "assigns", "identity", "conn", "live",
+        "in_flight", "_expiry", "_ack_timer", "resumed", "ended",
+    )
 
     def __init__(self, settings: Resume) -> None:
         self.id = secrets.token_urlsafe(9)
@@ -79,6 +113,9 @@ class Session:
         #: Whether direct messages go to the connection as they are sent (False while a
         #: resumed connection waits for its welcome and the replay of what it missed).
         self.live = True
+        #: Handlers running for it now (their replies belong to the session, whichever
+        #: connection carries it): another process taking it over waits for them.
+        self.in_flight: set[asyncio.Future[Any]] = set()
         #: How many times it was resumed.
         self.resumed = 0
         #: True once it expired (or the App shut down): nothing can reach its client any more.
@@ -160,6 +197,39 @@ class Session:
         loop = asyncio.get_running_loop()
         self._expiry = loop.call_later(self.settings.window, on_expiry, self)
 
+    # -- across processes --------------------------------------------------------------------
+    def save(self, node: str | None) -> bytes:
+        """The state another process needs to resume this session (``node``: where it is held)."""
+        identity = self.identity
+        if isinstance(identity, Identity):
+            identity = {"subject": identity.subject, "expires_at": identity.expires_at, "claims": identity.claims}
+        saved = Saved(
+            self.id, self.token, node, self.inbound.last, self.direct.seq, self.direct.acked,
+            list(self.direct.entries), {r: (m.meta, m.presence) for r, m in self.rooms.items()},
+            self.member, _encodable(self.assigns), _encodable({"identity": identity}).get("identity"), self.resumed,
+        )
+        return _encode(saved)
+
+    @classmethod
+    def restore(cls, blob: bytes, settings: Resume) -> Session:
+        """A session saved by another process (raises ``msgspec.DecodeError`` if malformed)."""
+        saved = _saved.decode(blob)
+        session = cls(settings)
+        session.id, session.token, session.resumed = saved.id, saved.token, saved.resumed
+        session.inbound = Inbound(saved.inbound)
+        session.direct = DirectLog(max_count=settings.max_direct, max_bytes=settings.max_direct_bytes, seq=saved.direct_seq)
+        session.direct.acked = saved.direct_acked
+        for seq, payload in saved.direct:
+            session.direct.keep(seq, payload)
+        session.rooms = {room: Membership(meta, presence) for room, (meta, presence) in saved.rooms.items()}
+        session.member = saved.member
+        session.assigns = dict(saved.assigns)
+        identity = saved.identity
+        if isinstance(identity, dict) and "subject" in identity:
+            identity = Identity(identity["subject"], identity.get("expires_at"), identity.get("claims") or {})
+        session.identity = identity
+        return session
+
     def end(self) -> None:
         self.ended = True
         for timer in (self._expiry, self._ack_timer):
@@ -168,26 +238,68 @@ class Session:
         self._expiry = self._ack_timer = None
 
 
+class SessionStore(Protocol):
+    """Where sessions wait for another process (a :class:`tether.Broker`'s session methods)."""
+
+    async def save_session(self, token: str, blob: bytes, ttl: float) -> None: ...
+    async def load_session(self, token: str) -> bytes | None: ...
+    async def delete_session(self, token: str) -> None: ...
+    async def release_session(self, node: str, token: str, wait: float) -> None: ...
+
+
+class _NoStore:
+    async def save_session(self, token: str, blob: bytes, ttl: float) -> None:
+        pass
+
+    async def load_session(self, token: str) -> bytes | None:
+        return None
+
+    async def delete_session(self, token: str) -> None:
+        pass
+
+    async def release_session(self, node: str, token: str, wait: float) -> None:
+        pass
+
+
+#: Seconds a process waits for another to let go of a session its client resumes here.
+RELEASE_TIMEOUT = 2.0
+
+
 class Sessions:
-    """The sessions of one App in this process, by token."""
+    """The sessions of one App: those held in this process by token, and the store through
+    which a client resumes in another process (:meth:`bind`)."""
 
     def __init__(self, settings: Resume) -> None:
         self.settings = settings
         self._by_token: dict[str, Session] = {}
+        self._store: SessionStore = _NoStore()
+        self._node: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         #: Called with a session whose window passed without a resume (its rooms are left).
         self.on_expiry: Callable[[Session], None] = lambda session: None
+        #: Called with a session another process took (its rooms are forgotten here, no leave).
+        self.on_moved: Callable[[Session], Awaitable[None]] = _nothing
+        #: Called with a session this process took from another (list its members here).
+        self.on_adopted: Callable[[Session], Awaitable[None]] = _nothing
 
     def __len__(self) -> int:
         return len(self._by_token)
 
-    def open(self, conn: Conn, token: str | None) -> tuple[Session, bool]:
+    def bind(self, store: SessionStore, node: str) -> None:
+        """Share sessions through ``store``; this process is ``node``."""
+        self._store, self._node = store, node
+
+    async def open(self, conn: Conn, token: str | None) -> tuple[Session, bool]:
         """The session of a new connection: ``(session, resumed)``.
 
-        A known token resumes its session (taking it over from a connection that still holds
-        it, which is closed); an unknown one, a token whose identity differs from this
-        connection's, or none, starts a new session.
+        A known token resumes its session: held here (taking it over from a connection that
+        still holds it, which is closed with 4009), or saved by another process (asked to let
+        go first if it still holds it). An unknown or expired token, a session of another
+        identity, or none, starts a new session.
         """
         session = self._by_token.get(token) if token else None
+        if session is None and token:
+            session = await self._fetch(token)
         if session is not None and _same_identity(session.identity, conn.identity):
             old = session.conn
             if old is not None and old is not conn:
@@ -196,11 +308,46 @@ class Sessions:
             session.resumed += 1
             session.attach(conn)
             session.live = False  # until the welcome and the replay (App._welcome)
+            self._keep(session)
             return session, True
         session = Session(self.settings)
         self._by_token[session.token] = session
         session.attach(conn)
+        self._keep(session)
         return session, False
+
+    async def _fetch(self, token: str) -> Session | None:
+        """A session saved by another process, after it let go of it."""
+        blob = await self._store.load_session(token)
+        if blob is None:
+            return None
+        saved = _saved.decode(blob)
+        if saved.node is not None and saved.node != self._node:
+            # Held there (attached, or detached with handlers maybe still running): ask it to
+            # finish and let go, then take what it saved.
+            await self._store.release_session(saved.node, token, RELEASE_TIMEOUT)
+            blob = await self._store.load_session(token)
+            if blob is None:
+                return None
+        session = Session.restore(blob, self.settings)
+        self._by_token[token] = session
+        await self.on_adopted(session)
+        return session
+
+    def _keep(self, session: Session) -> None:
+        """Save the session as held here (in the background: it does not delay the welcome)."""
+        if self._node is None:
+            return
+        blob = session.save(self._node)
+        ttl = self.settings.window + RELEASE_TIMEOUT
+        task = asyncio.get_running_loop().create_task(self._store.save_session(session.token, blob, ttl))
+        self._tasks.add(task)
+        task.add_done_callback(self._saved)
+
+    def _saved(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("could not save a session for other processes: %r", task.exception())
 
     def detach(self, session: Session, conn: Conn) -> None:
         """``conn`` (the session's connection) closed: the window starts. A normal close
@@ -210,16 +357,43 @@ class Sessions:
         session.detach(self._expired)
         if conn.close_code == 1000:
             self._expired(session)
+        else:
+            self._keep(session)
+
+    async def release(self, token: str) -> None:
+        """Another process resumes ``token``: close its connection here, let handlers still
+        running finish (bounded), save it, and forget it here."""
+        session = self._by_token.get(token)
+        if session is None:
+            return
+        conn = session.conn
+        if conn is not None:
+            conn.start_close(4009, "session resumed elsewhere")
+        if session.in_flight:  # their replies are the session's: let them land first
+            await asyncio.wait(list(session.in_flight), timeout=RELEASE_TIMEOUT / 2)
+        self._by_token.pop(token, None)
+        session.end()
+        await self._store.save_session(token, session.save(None), self.settings.window + RELEASE_TIMEOUT)
+        await self.on_moved(session)
 
     def discard(self, session: Session) -> None:
         """Forget a session at once (its first connection was refused)."""
         self._by_token.pop(session.token, None)
         session.end()
+        self._drop(session.token)
 
     def _expired(self, session: Session) -> None:
         self._by_token.pop(session.token, None)
         session.end()
+        self._drop(session.token)
         self.on_expiry(session)
+
+    def _drop(self, token: str) -> None:
+        if self._node is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._store.delete_session(token))
+        self._tasks.add(task)
+        task.add_done_callback(self._saved)
 
     def close(self) -> list[Session]:
         """Forget every session (shutdown); returns the detached ones, to end their rooms."""
@@ -228,6 +402,23 @@ class Sessions:
             session.end()
         self._by_token.clear()
         return detached
+
+
+async def _nothing(session: Session) -> None:
+    pass
+
+
+def _encodable(values: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` msgspec can encode (the others cannot travel: logged)."""
+    kept = {}
+    for key, value in values.items():
+        try:
+            _encode(value)
+        except (TypeError, msgspec.EncodeError):
+            logger.debug("session value %r cannot be saved for another process", key)
+            continue
+        kept[key] = value
+    return kept
 
 
 def _same_identity(kept: Any, new: Any) -> bool:

@@ -31,6 +31,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..auth import subprotocols
@@ -72,6 +73,7 @@ class App:
         if self.sessions is not None:
             self.sessions.on_expiry = self._session_expired
         self._tasks: set[asyncio.Task[None]] = set()
+        self._shared = False
         self._on_resume: list[Callable[[Conn], Any]] = []
         self.routes: dict[str, Route] = {}
         # Rooms (docs/rooms.md): our own hub if given a broker, else the server's.
@@ -185,7 +187,10 @@ class App:
         conn.hub = hub
         session: Session | None = None
         try:
-            session, resumed, client_ack = self._open_session(conn)
+            session, resumed, client_ack = await self._open_session(conn)
+            if session is not None:
+                # The window starts when the connection goes, even if a handler still runs.
+                conn.on_close(partial(self._detach, session))
             for hook in self._on_resume if resumed else self._on_connect:
                 await _maybe_await(hook(conn))
             self._welcome(conn, session, resumed, client_ack)
@@ -197,14 +202,15 @@ class App:
             if session is not None and not session.resumed and session.direct.seq == 0:
                 assert self.sessions is not None
                 self.sessions.discard(session)  # refused before it began: nothing to resume
-                session = None
             raise
         finally:
             await self._disconnected(conn)
-            if session is not None and self.sessions is not None:
-                self.sessions.detach(session, conn)
 
-    def _open_session(self, conn: Conn) -> tuple[Session | None, bool, int]:
+    def _detach(self, session: Session, conn: Conn) -> None:
+        if self.sessions is not None and not session.ended:
+            self.sessions.detach(session, conn)
+
+    async def _open_session(self, conn: Conn) -> tuple[Session | None, bool, int]:
         """The connection's session, whether it resumed one, and the client's direct ack.
 
         Only clients that can resume get a session: they offer the subprotocol ``session``
@@ -224,8 +230,20 @@ class App:
                 ack = int(count) if count.isdigit() else 0
         if not wanted:
             return None, False, 0
-        session, resumed = self.sessions.open(conn, token or None)
+        if not self._shared:
+            self._share_sessions()
+        session, resumed = await self.sessions.open(conn, token or None)
         return session, resumed, ack
+
+    def _share_sessions(self) -> None:
+        """Sessions resume in any process sharing the hub's broker (tether.sessions)."""
+        assert self.sessions is not None
+        hub = self.hub
+        self.sessions.bind(hub.broker, hub.node)
+        self.sessions.on_moved = hub.forget_session
+        self.sessions.on_adopted = hub.adopt_session
+        hub.broker.on_release(self.sessions.release)
+        self._shared = True
 
     def _welcome(self, conn: Conn, session: Session | None, resumed: bool, client_ack: int) -> None:
         """The welcome (not numbered: it starts every connection), then, for a resumed

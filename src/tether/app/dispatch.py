@@ -301,6 +301,10 @@ class Dispatcher:
             busy = self._busy = set()
         busy.add(future)
         future.add_done_callback(busy.discard)
+        session = self._session
+        if session is not None:
+            session.in_flight.add(future)
+            future.add_done_callback(session.in_flight.discard)
 
 
 class _Resume:

@@ -25,11 +25,12 @@ import abc
 import asyncio
 import secrets
 import time
+from collections.abc import Awaitable
 from typing import ClassVar, Protocol
 
 from ..proto.resume import Gap, HistoryBudget, RoomLog
 
-__all__ = ["Broker", "MemoryBroker", "MemoryBus", "Deliver", "History"]
+__all__ = ["Broker", "MemoryBroker", "MemoryBus", "Deliver", "LostGap", "History"]
 
 
 class Deliver(Protocol):
@@ -37,6 +38,20 @@ class Deliver(Protocol):
     ``offset`` is the message's place in the room's stream (None outside a stream)."""
 
     def __call__(self, room: str, data: bytes, offset: int | None = None, /) -> None: ...
+
+
+class Release(Protocol):
+    """``await release(token)``: let go of a session another process wants (save it first)."""
+
+    def __call__(self, token: str, /) -> Awaitable[None]: ...
+
+
+class LostGap(Protocol):
+    """``lost(room, gap)``: messages ``gap.first..gap.last`` of ``room``'s stream will never
+    be delivered by this broker (lost on the way between processes, and history could not
+    repair them; ``reason`` ``epoch`` with ``last`` 0: the stream restarted in ``gap.epoch``)."""
+
+    def __call__(self, room: str, gap: Gap, /) -> None: ...
 
 
 class History:
@@ -93,6 +108,11 @@ class Broker(abc.ABC):
     async def members(self, room: str) -> dict[str, bytes]:
         """Everyone present in ``room`` on every node: member id -> JSON metadata."""
 
+    async def forget_member(self, room: str, member: str) -> None:
+        """``member`` moved to another process (its session did): stop listing it from here
+        without a leave; that process lists it now."""
+        await self.drop_member(room, member)
+
     # -- room streams (streams = True) ----------------------------------------------------
     async def publish_stream(self, room: str, data: bytes) -> None:
         """Place ``data`` in ``room``'s stream and deliver it, with its offset, to every hub
@@ -105,7 +125,13 @@ class Broker(abc.ABC):
 
     async def history(self, room: str, after: int, epoch: str | None, limit: int) -> tuple[list[tuple[int, bytes]], Gap | None]:
         """The messages of ``room`` after offset ``after`` (of ``epoch``), and the gap before
-        them if history cannot cover it (see :meth:`tether.proto.resume.RoomLog.read`)."""
+        them if history cannot cover it (see :meth:`tether.proto.resume.RoomLog.read`).
+
+        If ``epoch`` is not the room's current one, its history is gone: the gap is
+        ``Gap(0, last, "epoch", current)`` (what came before is unknown; ``last`` is the
+        last offset of the current epoch that history no longer holds, 0 if none) and the
+        messages are the current epoch's from its start.
+        """
         current, head = await self.position(room)
         if head <= after and epoch == current:
             return [], None
@@ -113,6 +139,30 @@ class Broker(abc.ABC):
 
     def configure(self, room: str, history: History) -> None:  # noqa: B027  (optional: brokers without history ignore it)
         """Set ``room``'s history bounds (default: the broker's)."""
+
+    def on_gap(self, handler: LostGap) -> None:  # noqa: B027  (brokers that never lose a message never call it)
+        """Call ``handler(room, gap)`` when live messages of a subscribed room are lost and
+        history cannot fill the hole (the hub tells the room's members). Set before ``start``."""
+
+    # -- sessions across processes (tether.sessions) -------------------------------------
+    # A session lives in the process that holds its connection; these let a client resume
+    # it in another process. Brokers that do not share sessions keep none (the defaults).
+    async def save_session(self, token: str, blob: bytes, ttl: float) -> None:  # noqa: B027
+        """Keep a session's state for ``ttl`` seconds, readable by every process."""
+
+    async def load_session(self, token: str) -> bytes | None:
+        """The state saved under ``token``, or None."""
+        return None
+
+    async def delete_session(self, token: str) -> None:  # noqa: B027
+        """Forget the session (it ended)."""
+
+    async def release_session(self, node: str, token: str, wait: float) -> None:  # noqa: B027
+        """Ask process ``node`` to let go of session ``token`` (its client came back here
+        before ``node`` noticed it left); returns once it has saved it, or after ``wait`` seconds."""
+
+    def on_release(self, handler: Release) -> None:  # noqa: B027
+        """Call ``handler(token)`` when another process asks this one to let go of a session."""
 
 
 class MemoryBus:
@@ -127,6 +177,8 @@ class MemoryBus:
         self.history = history if history is not None else History()
         self.settings: dict[str, History] = {}  # per-room history bounds
         self.budget = HistoryBudget(max_history_bytes)
+        self.sessions: dict[str, tuple[bytes, float]] = {}  # token -> (state, expires at)
+        self.nodes: dict[str, MemoryBroker] = {}  # node -> its broker (for release requests)
 
     def stream(self, room: str) -> RoomLog:
         log = self.streams.get(room)
@@ -159,9 +211,13 @@ class MemoryBroker(Broker):
         self._deliver: Deliver | None = None
         self._mine: dict[str, set[str]] = {}  # room -> members put by this broker
         self._sweeper: asyncio.TimerHandle | None = None
+        self._node = ""
+        self._release: list[Release] = []
 
     async def start(self, node: str, deliver: Deliver) -> None:
         self._deliver = deliver
+        self._node = node
+        self.bus.nodes[node] = self
         self._sweep()
 
     def _sweep(self) -> None:
@@ -169,6 +225,7 @@ class MemoryBroker(Broker):
         self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
 
     async def close(self) -> None:
+        self.bus.nodes.pop(self._node, None)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -200,6 +257,11 @@ class MemoryBroker(Broker):
         self.bus.presence.setdefault(room, {})[member] = meta
         self._mine.setdefault(room, set()).add(member)
 
+    async def forget_member(self, room: str, member: str) -> None:
+        mine = self._mine.get(room)
+        if mine is not None:  # the bus lists it still: the other process put it again
+            mine.discard(member)
+
     async def drop_member(self, room: str, member: str) -> None:
         present = self.bus.presence.get(room)
         if present is not None:
@@ -228,8 +290,41 @@ class MemoryBroker(Broker):
     async def history(self, room: str, after: int, epoch: str | None, limit: int) -> tuple[list[tuple[int, bytes]], Gap | None]:
         log = self.bus.stream(room)
         if epoch != log.epoch:  # the history the client's offset refers to is gone
-            return [], Gap(after + 1, log.head, "epoch", log.epoch)
+            kept, gap = log.read(0, time.monotonic(), limit=limit)  # the new epoch's, from its start
+            return kept, Gap(0, gap.last if gap is not None else 0, "epoch", log.epoch)
         return log.read(after, time.monotonic(), limit=limit)
+
+    # -- sessions ---------------------------------------------------------------------------
+    async def save_session(self, token: str, blob: bytes, ttl: float) -> None:
+        self.bus.sessions[token] = (blob, time.monotonic() + ttl)
+
+    async def load_session(self, token: str) -> bytes | None:
+        found = self.bus.sessions.get(token)
+        if found is None or found[1] < time.monotonic():
+            self.bus.sessions.pop(token, None)
+            return None
+        return found[0]
+
+    async def delete_session(self, token: str) -> None:
+        self.bus.sessions.pop(token, None)
+
+    async def release_session(self, node: str, token: str, wait: float) -> None:
+        other = self.bus.nodes.get(node)
+        if other is None or other is self:
+            return
+        try:
+            async with asyncio.timeout(wait):
+                await other.let_go(token)
+        except TimeoutError:
+            pass
+
+    def on_release(self, handler: Release) -> None:
+        self._release.append(handler)
+
+    async def let_go(self, token: str) -> None:
+        """Another broker on the bus asks this one's process to release session ``token``."""
+        for handler in list(self._release):
+            await handler(token)
 
     def configure(self, room: str, history: History) -> None:
         self.bus.settings[room] = history

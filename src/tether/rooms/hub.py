@@ -146,6 +146,7 @@ class Hub:
     async def start(self) -> None:
         """Connect the broker (once; later calls return at once)."""
         if self._start is None:
+            self.broker.on_gap(self._lost)
             self._start = asyncio.get_running_loop().create_task(self.broker.start(self.node, self._deliver))
         if not self._start.done():
             await asyncio.shield(self._start)
@@ -296,6 +297,19 @@ class Hub:
                 await self._announce_leave(room, session.member)
         session.rooms.clear()
 
+    async def forget_session(self, session: Session) -> None:
+        """Another process took ``session``: it lists the session's member now, not us."""
+        for room, membership in session.rooms.items():
+            if membership.presence and session.member is not None:
+                await self.broker.forget_member(room, session.member)
+
+    async def adopt_session(self, session: Session) -> None:
+        """We took ``session`` from another process: list its member from here."""
+        await self.start()
+        for room, membership in session.rooms.items():
+            if membership.presence and session.member is not None:
+                await self.broker.put_member(room, session.member, membership.meta)
+
     async def resume(self, conn: Conn, positions: dict[str, tuple[str | None, int]]) -> None:
         """Put a resumed session's connection back in its rooms and replay what it missed.
 
@@ -333,9 +347,7 @@ class Hub:
         start = after
         if gap is not None:
             _gap(conn, session, room, gap)
-            start = gap.last
-            if gap.reason == "epoch":
-                history = []
+            start = gap.last  # an epoch gap restarts the count: the new epoch's offsets follow
         run, hole = merge(history, buffer, start)
         if hole is not None:
             _gap(conn, session, room, Gap(hole.first, hole.last, "lost", gap.epoch if gap else epoch))
@@ -348,8 +360,9 @@ class Hub:
             _, opcode, exclude, payload = unpack(data)
         except ValueError:
             return
-        if exclude and exclude == self._keys.get(conn, ""):
-            return
+        session = conn.session
+        if exclude and exclude == (session.id if isinstance(session, Session) else self._keys.get(conn, "")):
+            return  # the session this broadcast excluded (its own presence join, say)
         payload = with_offset(payload, offset)
         conn.write_broadcast(encode_frame(opcode, payload), opcode, payload)
 
@@ -473,6 +486,22 @@ class Hub:
                 buffer.append((offset, data))
         skip = self._by_key.get(exclude) if exclude else None
         self._fanout(room, opcode, with_offset(payload, offset), skip)
+
+    def _lost(self, room: str, gap: Gap) -> None:
+        """From the broker: live messages of ``room`` that will never come (lost between
+        processes, and history could not repair them). Each local member with a session gets
+        a ``gap`` event. It goes out like the room's messages (one frame, the send queue), not
+        as a direct message: a direct write can overtake broadcasts queued for a paused
+        connection, and a client that moved past the gap would drop them as seen."""
+        members = self._rooms.get(room)
+        if not members:
+            return
+        data = {"first": gap.first, "last": gap.last, "reason": gap.reason, "epoch": gap.epoch}
+        payload = encode_message("gap", data, room=room)
+        frame = encode_frame(OP_TEXT, payload)
+        for conn in tuple(members):
+            if isinstance(conn.session, Session):
+                conn.write_broadcast(frame, OP_TEXT, payload)
 
 
 def _direct(conn: Conn, session: Session, type: str, data: Any, room: str) -> None:
