@@ -38,8 +38,12 @@ class ChaosProxy:
         return self
 
     def chaos(self, low: float, high: float) -> None:
-        """From now on cut every connection after a random ``low``..``high`` seconds."""
+        """From now on cut every connection (those open now too) after a random
+        ``low``..``high`` seconds."""
         self._chaos = (low, high)
+        loop = asyncio.get_running_loop()
+        for pair in list(self._pairs):
+            loop.call_later(self._random.uniform(low, high), self._cut, pair)
 
     def calm(self) -> None:
         self._chaos = None

@@ -192,6 +192,18 @@ class Client:
         """
         return Drained(self._push(encode_message(type, data), None))
 
+    async def emit(self, type: str, data: Any = None) -> None:
+        """Send a typed message, waiting for room instead of dropping anything: while
+        disconnected, until the outbox has a free place; while connected, until the socket's
+        buffer has drained. Use it (rather than :meth:`send`) where nothing may be lost."""
+        await self._room()
+        await self.send(type, data)
+
+    async def _room(self) -> None:
+        """Wait while the outbox is full (a reconnect empties it)."""
+        while len(self._session.outbox) >= self._session.outbox_size and self.state != "closed":
+            await self._changed()
+
     # ASYNC109: the per-call timeout (default request_timeout) is the API, as in tether.js's request().
     async def request(self, type: str, data: Any = None, *, timeout: float | None | EllipsisType = ...) -> Any:  # noqa: ASYNC109
         """Send a request and wait for its reply's data.
@@ -207,8 +219,9 @@ class Client:
         self._futures[id] = future
         limit = self._request_timeout if isinstance(timeout, EllipsisType) else timeout
         try:
-            self._push(encode_message(type, data, id), id)
             async with asyncio.timeout(limit):
+                await self._room()  # a request waits for room rather than push another out
+                self._push(encode_message(type, data, id), id)
                 return await future
         finally:
             self._futures.pop(id, None)
