@@ -125,10 +125,8 @@ def test_configure_sets_level_format_and_access_log(restore_logging: None, capsy
         configure("info", "xml")
 
 
-HOOKS = "needs Conn.messages_in/messages_out and the handler's type in dispatch's error log (issue 14 report)"
 
 
-@pytest.mark.xfail(strict=True, reason=HOOKS)
 async def test_close_line_counts_messages_in_and_out(make_server: ServerFactory, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
     caplog.set_level(logging.INFO, "tether.access")
     app = tether.App()
@@ -150,7 +148,6 @@ async def test_close_line_counts_messages_in_and_out(make_server: ServerFactory,
     assert closed.getMessage().endswith(" in=2 out=3")
 
 
-@pytest.mark.xfail(strict=True, reason=HOOKS)
 async def test_handler_error_log_names_the_message_type(make_server: ServerFactory, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
     app = tether.App()
 

@@ -351,13 +351,8 @@ async def joined_flood(server: tether.Server) -> RawWS:
     return stuck
 
 
-HOOKS = (
-    "needs the hook calls in conn.py, app/dispatch.py and rooms/hub.py (issue 14 report): "
-    "remove this marker when they are in"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=HOOKS)
 async def test_connection_core_series_move_with_traffic(make_server: ServerFactory) -> None:  # noqa: F811
     server = await make_server(routes(), metrics=True, ping_interval=0.05, max_send_queue=4)
     port = server.port
@@ -405,7 +400,6 @@ async def test_connection_core_series_move_with_traffic(make_server: ServerFacto
     assert delta("tether_keepalive_rtt_seconds_count") > 0
 
 
-@pytest.mark.xfail(strict=True, reason=HOOKS)
 async def test_slow_consumer_close_is_counted(make_server: ServerFactory) -> None:  # noqa: F811
     server = await make_server(routes(), metrics=True, max_send_queue=2, send_overflow="close", close_timeout=0.5)
     async with timeout(20), closing() as opened:

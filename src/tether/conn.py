@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
@@ -36,6 +36,9 @@ from .proto.frames import OP_BINARY, OP_TEXT
 from .proto.keepalive import Pinger, heartbeat_due
 from .proto.limits import TokenBucket
 from .stream import ByteStream
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 __all__ = [
     "Conn",
@@ -279,6 +282,9 @@ class Conn:
         "keepalive",
         "latency",
         "limiter",
+        "messages_in",
+        "messages_out",
+        "metrics",
         "request",
         "session",
         "state",
@@ -312,6 +318,11 @@ class Conn:
         self.consumer: Consumer | None = None
         #: The session this connection carries (a typed App's, tether.sessions), or None.
         self.session: DirectStream | None = None
+        #: Where this connection's hooks report (tether.metrics; set by the server), or None: off.
+        self.metrics: Metrics | None = None
+        #: Messages received and written so far (the server's close log line reads them).
+        self.messages_in = 0
+        self.messages_out = 0
         #: The message rate limit of this connection (set by the connection policy), or None.
         self.limiter: TokenBucket | None = None
         #: Heartbeat settings ``(interval, timeout)`` in seconds, announced to typed clients.
@@ -383,6 +394,8 @@ class Conn:
         if isinstance(message, _Rejected):  # queued for a consumer that has gone
             return await self.receive()
         assert message is not None
+        if self.metrics is not None:
+            self.metrics.received("_text" if isinstance(message, str) else "_binary", message)
         return message
 
     def _take(self) -> Message | _Rejected | None:
@@ -485,6 +498,9 @@ class Conn:
             raise self.closed_error()
         self._transport.write(opcode, payload)
         self._last_write = _now()
+        self.messages_out += 1
+        if self.metrics is not None:
+            self.metrics.sent(opcode, payload)
 
     # -- keepalive ---------------------------------------------------------------------
     def _start_keepalive(self, interval: float, timeout: float | None) -> None:
@@ -594,6 +610,7 @@ class Conn:
         """A whole message arrived."""
         if self.state is not ConnState.OPEN:
             return
+        self.messages_in += 1
         limiter = self.limiter
         if limiter is not None and not limiter.allow(_now()):
             self._rate_limited(message)
@@ -697,6 +714,8 @@ class Conn:
     def on_pong(self, payload: bytes) -> None:
         if self._pinger is not None and self._pinger.pong(payload, _now()) is not None:
             self.latency = self._pinger.latency
+            if self.metrics is not None and self.latency is not None:
+                self.metrics.keepalive_rtt(self.latency)
 
     def _update_reading(self) -> None:
         """Stop reading while the inbox is full; the peer then slows.
@@ -752,6 +771,7 @@ class Conn:
     def _put_shared(self, frame: bytes, opcode: int, payload: bytes) -> None:
         self._transport.write_frame(frame, opcode, payload)
         self._sent += 1
+        self.messages_out += 1
         self._last_write = _now()
 
     def _queue_shared(self, frame: bytes, opcode: int, payload: bytes) -> None:
@@ -763,8 +783,12 @@ class Conn:
             if self._overflow is Overflow.CLOSE:
                 self._send_queue = None
                 self.start_close(1013, "try again later")
+                if self.metrics is not None:
+                    self.metrics.slow_consumer_closed()
                 return
             self._dropped += 1
+            if self.metrics is not None:
+                self.metrics.send_queue_dropped()
             if not queue:  # max_send_queue=0: nothing is ever queued
                 return
             queue.popleft()

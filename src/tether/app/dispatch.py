@@ -43,6 +43,7 @@ __all__ = ["Dispatcher", "Table"]
 logger = logging.getLogger("tether")
 
 _HEARTBEAT = "heartbeat"
+_clock = time.perf_counter  # handler durations
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +57,14 @@ class Table:
 
 
 class _Suspended:
-    """A handler that suspended, for the host task to finish: its coroutine, id, done future."""
+    """A handler that suspended, for the host task to finish: its coroutine, id, done future,
+    and its message type and start time (for the handler-duration metric)."""
 
-    __slots__ = ("resume", "id", "done")
+    __slots__ = ("resume", "id", "done", "type", "started")
 
-    def __init__(self, resume: _Resume, id: Id, done: asyncio.Future[None]) -> None:
+    def __init__(self, resume: _Resume, id: Id, done: asyncio.Future[None], type: str, started: float) -> None:
         self.resume, self.id, self.done = resume, id, done
+        self.type, self.started = type, started
 
 
 _DISPATCH = object()  # a job for the host task: hand the queued messages over
@@ -162,11 +165,16 @@ class Dispatcher:
             conn.start_close(1003, "typed apps accept text frames only")
             return
         table = self._table
+        metrics = conn.metrics
         try:
             envelope = table.decoder.decode(message)
         except msgspec.DecodeError as exc:
+            if metrics is not None:
+                metrics.received("_invalid", message)
             self._error(*classify(message, exc, table.known))
             return
+        if metrics is not None:
+            metrics.received(envelope.__struct_config__.tag, message)
         session = self._session
         if session is not None:
             if not session.accept(envelope.seq, envelope.ack):
@@ -180,6 +188,7 @@ class Dispatcher:
         if route.concurrent:
             self._spawn(route, envelope.data, envelope.id)
             return
+        started = _clock() if metrics is not None else 0.0
         try:
             result = route.fn(conn, envelope.data) if route.takes_data else route.fn(conn)
             if route.is_async:
@@ -189,11 +198,15 @@ class Dispatcher:
                 except StopIteration as stop:
                     result = stop.value
                 else:
-                    self._suspend(result, yielded, envelope.id)
+                    self._suspend(result, yielded, envelope.id, route.type, started)
                     return
         except Exception as exc:
-            self._failed(exc, envelope.id)
+            if metrics is not None:
+                metrics.handled(route.type, _clock() - started)
+            self._failed(exc, envelope.id, route.type)
             return
+        if metrics is not None:
+            metrics.handled(route.type, _clock() - started)
         if envelope.id is not None:
             self._reply(result, envelope.id)
 
@@ -205,6 +218,8 @@ class Dispatcher:
             self._error(id, INTERNAL, "internal error")
 
     def _error(self, id: Id, code: str, message: str, path: str | None = None) -> None:
+        if self.conn.metrics is not None:
+            self.conn.metrics.error_reply(code)
         self._send("error", classify_error(code, message, path), id)
 
     def _send(self, type: str, data: Any, id: Id) -> None:
@@ -226,7 +241,7 @@ class Dispatcher:
         except ConnectionClosed:
             pass
 
-    def _failed(self, exc: BaseException, id: Id) -> None:
+    def _failed(self, exc: BaseException, id: Id, type: str | None = None) -> None:
         if isinstance(exc, ReplyError):
             self._error(id, exc.code, exc.message)
         elif isinstance(exc, CloseConnection):
@@ -234,7 +249,7 @@ class Dispatcher:
         elif isinstance(exc, ConnectionClosed) and self.conn.state is not ConnState.OPEN:
             pass  # our own connection closed under the handler: nobody to answer
         elif isinstance(exc, Exception):
-            logger.error("handler failed on %s", self.conn.path, exc_info=exc)
+            logger.error("handler for %r failed on %s", type, self.conn.path, exc_info=exc, extra={"type": type, "path": self.conn.path})
             self._error(id, INTERNAL, "internal error")
         else:
             raise exc
@@ -244,27 +259,31 @@ class Dispatcher:
         t = data.get("t") if isinstance(data, dict) else None
         if t is not None and t == self._heartbeat_sent:
             self.conn.latency = time.monotonic() - t
+            if self.conn.metrics is not None:
+                self.conn.metrics.keepalive_rtt(self.conn.latency)
             return
         self._write(encode_message(_HEARTBEAT, data))
 
     # -- handlers that suspend -------------------------------------------------------------
-    def _suspend(self, coro: Any, yielded: Any, id: Id) -> None:
+    def _suspend(self, coro: Any, yielded: Any, id: Id, type: str, started: float) -> None:
         """A handler suspended: the host task finishes it; later messages wait."""
         self.conn.hold()  # messages now queue in the inbox, with backpressure
         self._suspended = True
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._track(done)
-        self._wake(_Suspended(_Resume(coro, yielded), id, done))
+        self._wake(_Suspended(_Resume(coro, yielded), id, done, type, started))
 
     async def _finish(self, job: _Suspended) -> None:
         try:
             result = await job.resume
         except Exception as exc:
-            self._failed(exc, job.id)
+            self._failed(exc, job.id, job.type)
         else:
             if job.id is not None:
                 self._reply(result, job.id)
         finally:
+            if self.conn.metrics is not None:
+                self.conn.metrics.handled(job.type, _clock() - job.started)
             self._suspended = False
             job.done.set_result(None)
 
@@ -285,15 +304,19 @@ class Dispatcher:
 
     async def _run_task(self, route: Route, data: Any, id: Id) -> None:
         conn = self.conn
+        started = _clock()
         try:
             result = route.fn(conn, data) if route.takes_data else route.fn(conn)
             if route.is_async:
                 result = await result
         except Exception as exc:
-            self._failed(exc, id)
+            self._failed(exc, id, route.type)
         else:
             if id is not None:
                 self._reply(result, id)
+        finally:
+            if conn.metrics is not None:
+                conn.metrics.handled(route.type, _clock() - started)
 
     def _track(self, future: asyncio.Future[Any]) -> None:
         busy = self._busy

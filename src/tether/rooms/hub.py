@@ -40,6 +40,7 @@ from typing import Any
 import msgspec
 
 from ..conn import Conn, ConnState
+from ..metrics import Metrics
 from ..proto.envelope import encode, encode_message, with_offset
 from ..proto.frames import OP_BINARY, OP_TEXT, encode_frame
 from ..proto.resume import Gap, merge
@@ -126,6 +127,8 @@ class Hub:
         self.broker = make_broker(broker)
         #: Rooms one connection may join by its own request (``join`` messages); None = no limit.
         self.max_rooms = max_rooms
+        #: Where fan-out is counted (tether.metrics; set by the server), or None: off.
+        self.metrics: Metrics | None = None
         #: This process's id in presence and between brokers (12 hex digits).
         self.node = node if node is not None else secrets.token_hex(_NODE_LEN // 2)
         if len(self.node) != _NODE_LEN or not self.node.isascii():
@@ -466,6 +469,8 @@ class Hub:
             if conn is not exclude:
                 conn.write_broadcast(frame, opcode, payload)
                 count += 1
+        if self.metrics is not None:
+            self.metrics.sent(opcode, payload, count)
         return count
 
     def _deliver(self, room: str, data: bytes, offset: int | None = None) -> None:
