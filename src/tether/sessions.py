@@ -153,6 +153,8 @@ class Session:
         if conn is not None:
             for payload in payloads:
                 conn.write(OP_TEXT, payload)
+            if conn.metrics is not None:
+                conn.metrics.replayed(len(payloads))
         self.live = True
         return gap
 

@@ -233,6 +233,8 @@ class App:
         if not self._shared:
             self._share_sessions()
         session, resumed = await self.sessions.open(conn, token or None)
+        if token and conn.metrics is not None:
+            conn.metrics.resumed("resumed" if resumed else "new")
         return session, resumed, ack
 
     def _share_sessions(self) -> None:

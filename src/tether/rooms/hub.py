@@ -356,6 +356,8 @@ class Hub:
             _gap(conn, session, room, Gap(hole.first, hole.last, "lost", gap.epoch if gap else epoch))
         for offset, data in run:
             self._write_one(conn, room, offset, data)
+        if conn.metrics is not None and run:
+            conn.metrics.replayed(len(run))
         self._add(conn, room, member)
 
     def _write_one(self, conn: Conn, room: str, offset: int, data: bytes) -> None:
