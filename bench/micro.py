@@ -14,7 +14,10 @@ production path (enter the connection's task, handle, leave). Cases:
   (a sync handler sends through its return value: the reply path);
 - async handler, emit: ``await conn.emit("echo", ...)``, no ``id``; the coroutine finishes
   without suspending (bench/servers/tether_server.py's handler);
-- async handler, request: ``async def echo(conn, data) -> Echo`` on a message with an ``id``.
+- async handler, request: ``async def echo(conn, data) -> Echo`` on a message with an ``id``;
+- the same with a session (what tether.js and tether.Client get by default, docs/protocol.md
+  "Sessions and resume"): the request carries ``seq``, the reply is numbered, carries the
+  ack and is kept until the client acks it (the client acks every message, as ours do).
 
 Every case must write exactly one frame per message, and the first frame is checked, before
 anything is timed. The figure is the best repeat's wall time divided by the message count,
@@ -36,6 +39,8 @@ import msgspec
 import tether
 from tether.app.dispatch import Dispatcher
 from tether.conn import Conn, ConnSettings, make_request
+from tether.proto.resume import Inbound
+from tether.sessions import Resume, Session
 
 
 class Echo(msgspec.Struct):
@@ -121,42 +126,56 @@ def raw_baseline(wire: CountingWire) -> Callable[[str], object]:
     return on_message
 
 
-def messages(n: int, *, with_id: bool) -> list[str]:
+def messages(n: int, *, with_id: bool, session: bool = False) -> list[str]:
+    if session:  # each request acks the reply to the one before it
+        return [f'{{"type":"echo","data":{{"message":"hello server!","n":{i}}},"id":{i},"seq":{i + 1},"ack":{i}}}' for i in range(n)]
     if with_id:
         return [f'{{"type":"echo","data":{{"message":"hello server!","n":{i}}},"id":{i}}}' for i in range(n)]
     return [f'{{"type":"echo","data":{{"message":"hello server!","n":{i}}}}}' for i in range(n)]
 
 
-# (label, app factory or None for the raw baseline, messages carry an id, expected first frame)
-CASES: list[tuple[str, Callable[[], tether.App] | None, bool, dict[str, object]]] = [
-    ("raw msgspec decode+encode", None, False,
+# (label, app factory or None for the raw baseline, messages carry an id, with a session, expected first frame)
+CASES: list[tuple[str, Callable[[], tether.App] | None, bool, bool, dict[str, object]]] = [
+    ("raw msgspec decode+encode", None, False, False,
      {"type": "echo", "data": {"message": "Thanks for the message!", "n": 0}}),
-    ("sync handler, request+reply", sync_request_app, True,
+    ("sync handler, request+reply", sync_request_app, True, False,
      {"type": "reply", "id": 0, "data": {"message": "Thanks for the message!", "n": 0}}),
-    ("async handler, emit", async_emit_app, False,
+    ("async handler, emit", async_emit_app, False, False,
      {"type": "echo", "data": {"message": "Thanks for the message!", "n": 0}}),
-    ("async handler, request+reply", async_request_app, True,
+    ("async handler, request+reply", async_request_app, True, False,
      {"type": "reply", "id": 0, "data": {"message": "Thanks for the message!", "n": 0}}),
+    ("async handler, request+reply, session", async_request_app, True, True,
+     {"type": "reply", "id": 0, "data": {"message": "Thanks for the message!", "n": 0}, "seq": 1, "ack": 1}),
 ]
 
 
-async def setup(factory: Callable[[], tether.App] | None) -> tuple[asyncio.Task[None] | None, CountingWire, Callable[[str], object]]:
+async def setup(
+    factory: Callable[[], tether.App] | None, with_session: bool
+) -> tuple[asyncio.Task[None] | None, CountingWire, Callable[[str], object], Session | None]:
     wire = CountingWire()
     conn = Conn(wire, make_request("/", (), ("127.0.0.1", 1)), ConnSettings(ping_interval=None))
     if factory is None:
-        return None, wire, raw_baseline(wire)
-    dispatcher = Dispatcher(conn, factory().table())
+        return None, wire, raw_baseline(wire), None
+    session = Session(Resume()) if with_session else None
+    if session is not None:
+        session.attach(conn)
+    dispatcher = Dispatcher(conn, factory().table(), session)
     # The connection's own task, parked in Dispatcher.run (awaiting the next message).
     host = asyncio.get_running_loop().create_task(dispatcher.run())
     await asyncio.sleep(0)
-    return host, wire, dispatcher.message
+    return host, wire, dispatcher.message, session
 
 
 def run_case(
-    loop: asyncio.AbstractEventLoop, factory: Callable[[], tether.App] | None, texts: list[str], repeats: int
+    loop: asyncio.AbstractEventLoop, factory: Callable[[], tether.App] | None, texts: list[str], repeats: int, with_session: bool = False
 ) -> tuple[float, CountingWire, bytes]:
     """Best ns/message over ``repeats`` runs, each called from a loop callback (no current task)."""
-    host, wire, on_message = loop.run_until_complete(setup(factory))
+    host, wire, on_message, session = loop.run_until_complete(setup(factory, with_session))
+
+    def fresh() -> None:
+        """Each repeat sends the same seqs again: a new session stream, not duplicates."""
+        if session is not None:
+            session.inbound = Inbound()
 
     def in_callback(fn: Callable[[], int]) -> int:
         done: asyncio.Future[int] = loop.create_future()
@@ -164,6 +183,7 @@ def run_case(
         return loop.run_until_complete(done)
 
     def one_run() -> int:
+        fresh()
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -199,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     failed = False
     try:
-        for label, factory, with_id, expected in CASES:
-            texts = messages(n, with_id=with_id)
-            ns, wire, first = run_case(loop, factory, texts, args.repeats)
+        for label, factory, with_id, with_session, expected in CASES:
+            texts = messages(n, with_id=with_id, session=with_session)
+            ns, wire, first = run_case(loop, factory, texts, args.repeats, with_session)
             ok = wire.frames == n * args.repeats and first != b"" and msgspec.json.decode(first) == expected
             if not ok:
                 failed = True
