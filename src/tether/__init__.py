@@ -27,6 +27,7 @@ from .errors import (
 from .proto.limits import RateLimit
 from .rooms import Broker, Hub, Member, MemoryBroker, MemoryBus
 from .server import Handler, Server, run, serve, serve_workers
+from .sessions import Resume
 from .stream import ByteStream
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "ConnState",
     "Request",
     "ByteStream",
+    "Resume",
     # Rooms and broadcast (tether.redis_broker.RedisBroker needs tether[redis])
     "Hub",
     "Member",
