@@ -17,29 +17,8 @@ import pytest
 
 import tether
 from conftest import TIMEOUT_SCALE, echo, timeout
+from test_security import async_auth, sync_auth  # the same hooks as tether's own server's tests
 from transports import Served, Start, start  # noqa: F401  (fixture)
-
-TOKENS = {"good": "ada", "other": "bob"}
-
-
-def sync_auth(request: tether.Request) -> tether.Identity | None:
-    token = tether.auth.token(request)
-    if token == "banned":
-        raise tether.CloseConnection(4003, "forbidden")
-    if token == "unknown":
-        raise tether.CloseConnection(4001, "who are you")
-    subject = TOKENS.get(token or "")
-    return None if subject is None else tether.Identity(subject, claims={"token": token})
-
-
-async def async_auth(request: tether.Request) -> tether.Identity | None:
-    await asyncio.sleep(0)  # a database look-up
-    token = tether.auth.token(request)
-    if token == "banned":
-        raise tether.CloseConnection(4003, "forbidden")
-    subject = TOKENS.get(token or "")
-    return None if subject is None else tether.Identity(subject)
-
 
 async def whoami(conn: tether.Conn) -> None:
     """Say who the peer is, then echo."""
