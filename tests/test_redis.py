@@ -2,7 +2,8 @@
 
 Two server processes (tests/rooms_app.py) share one Redis; presence TTL 2 s, heartbeat 0.3 s.
 Exactly-once is checked with ordering: one publisher's broadcasts arrive in order, so a
-member that receives "one" then "two" got no second copy of "one" in between.
+member that receives "one" then "two" got no second copy of "one" in between. Room streams
+(offsets, history, live repair) have their own tests: tests/test_redis_streams.py.
 """
 
 from __future__ import annotations
@@ -106,10 +107,12 @@ async def test_redis_restart_both_processes_recover_without_restarting(redis_ser
         await _said(on_a + on_b, ["before"])
 
         redis_server.stop()
-        # Local delivery keeps working while Redis is away.
-        assert await on_a[0].request("say", {"room": "lobby", "text": "local"}) == 2
-        await _said(on_a, ["local"])
-        redis_server.start()  # same port, empty: no presence, no subscriptions
+        # A room message needs its offset from Redis: while Redis is away it waits in A's
+        # outbox (the call still answers with A's member count), and once Redis is back it
+        # reaches every member, A's own and B's (from history if B resubscribes after A sent it).
+        assert await on_a[0].request("say", {"room": "lobby", "text": "while down"}) == 2
+        redis_server.start()  # same port, empty: no presence, no subscriptions, a new epoch
+        await _said(on_a + on_b, ["while down"])
 
         n = 0
 
@@ -323,22 +326,22 @@ async def test_redis_broker_heartbeat_only_renews_ttls_and_restores_a_deleted_ke
             calls = await quiet_heartbeats(ttl * 1.2)
             assert calls.get("hset", 0) == calls.get("del", 0) == calls.get("sadd", 0) == 0, calls
             for room in rooms:
-                assert await admin.hgetall(f"tether:presence:{room}:{NODE_A}") == expected[room]
-                assert await admin.smembers(f"tether:nodes:{room}") == {NODE_A}
-                assert 0 < await admin.pttl(f"tether:presence:{room}:{NODE_A}") <= ttl * 1000
+                assert await admin.hgetall(f"tether:{{r:{room}}}:presence:{NODE_A}") == expected[room]
+                assert await admin.smembers(f"tether:{{r:{room}}}:nodes") == {NODE_A}
+                assert 0 < await admin.pttl(f"tether:{{r:{room}}}:presence:{NODE_A}") <= ttl * 1000
 
             # A key gone anyway (evicted, or expired during a long pause) is written again.
-            await admin.delete(f"tether:presence:r2:{NODE_A}", "tether:nodes:r3")
+            await admin.delete(f"tether:{{r:r2}}:presence:{NODE_A}", "tether:{r:r3}:nodes")
 
             async def restored() -> bool:
                 return bool(
-                    await admin.hgetall(f"tether:presence:r2:{NODE_A}") == expected["r2"]
-                    and await admin.smembers("tether:nodes:r3") == {NODE_A}
+                    await admin.hgetall(f"tether:{{r:r2}}:presence:{NODE_A}") == expected["r2"]
+                    and await admin.smembers("tether:{r:r3}:nodes") == {NODE_A}
                 )
 
             await eventually(restored, 5, "the heartbeat rewrites the rooms whose keys were gone")
-            assert 0 < await admin.pttl(f"tether:presence:r2:{NODE_A}") <= ttl * 1000
-            assert 0 < await admin.pttl("tether:nodes:r3") <= ttl * 1000
+            assert 0 < await admin.pttl(f"tether:{{r:r2}}:presence:{NODE_A}") <= ttl * 1000
+            assert 0 < await admin.pttl("tether:{r:r3}:nodes") <= ttl * 1000
             assert await broker.members("r2") == {m: v.encode() for m, v in expected["r2"].items()}
             calls = await quiet_heartbeats(interval * 4)  # and then quiet again
             assert calls.get("hset", 0) == calls.get("del", 0) == 0, calls
@@ -352,10 +355,10 @@ async def test_redis_broker_presence_writes_that_failed_reach_redis_later(redis_
 
     broker, _ = await _started(redis_server.url, NODE_A, presence_ttl=2.0, heartbeat_interval=0.2, backoff_cap=0.2)
     admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    key = f"tether:presence:r:{NODE_A}"
+    key = f"tether:{{r:r}}:presence:{NODE_A}"
 
     async def listed(*members: str) -> bool:
-        return bool(sorted(await admin.hkeys(key)) == sorted(members) and NODE_A in await admin.smembers("tether:nodes:r"))
+        return bool(sorted(await admin.hkeys(key)) == sorted(members) and NODE_A in await admin.smembers("tether:{r:r}:nodes"))
 
     try:
         async with timeout(30):

@@ -1,4 +1,4 @@
-"""The Redis broker: rooms and presence shared by every process using one Redis.
+"""The Redis broker: rooms, their streams and presence, shared by every process using one Redis.
 
 The only module that imports redis (``pip install 'tether[redis]'``).
 
@@ -8,55 +8,88 @@ The only module that imports redis (``pip install 'tether[redis]'``).
     # or, to tune it:
     tether.run(app, broker=RedisBroker("redis://...", presence_ttl=10, heartbeat_interval=3))
 
-* **Fan-out**: one Redis pub/sub channel per room (``<prefix>:room:<room>``), subscribed
-  while this process has a member in the room. Each broadcast is published once; the
-  publishing process drops its own copy (it delivered locally already), so every member
-  gets it exactly once. Publications are queued and pipelined by one task: a broadcast
-  never waits for Redis.
-* **Presence**: one hash per room and process (``<prefix>:presence:<room>:<node>``,
-  member id -> JSON meta) plus a set of the processes in the room, all with a TTL of
-  ``presence_ttl`` seconds. Joins and leaves write their member (HSET, HDEL); a heartbeat
-  every ``heartbeat_interval`` seconds only renews the TTLs (one pipelined PEXPIRE per key).
-  A key the renewal finds gone (evicted, or expired during a long pause) has its room
-  rewritten, as has a room whose write failed; the whole presence is rewritten after each
-  (re)connect. A process that dies stops renewing: its members vanish from every presence
-  list within ``presence_ttl``.
+* **Keys**: every key of a room carries the Redis Cluster hash tag ``{r:<room>}``, so a
+  room's keys live on one shard: ``<prefix>:{r:<room>}:meta`` (hash: ``epoch``, ``top`` = the
+  last offset, ``at`` = the time of the last publication, ``aged`` = the last offset dropped
+  for its age), ``...:stream`` (the history: a Redis stream, entry id ``<offset>-<ms>``, field
+  ``d``), ``...:seq:<instance>`` (the last publication of one broker instance, to apply a
+  resent one once), ``...:presence:<node>`` and ``...:nodes`` (presence, below).
+* **Streams**: ``publish_stream`` queues the message; one task pipelines the queue, one Lua
+  script (:data:`_PUBLISH`) per message, which atomically gives it the room's next offset
+  (``HINCRBY`` on the meta hash, whose ``epoch`` it creates if the hash is gone: a new epoch,
+  the old stream deleted), appends it to the stream (``XADD MAXLEN ~ max_count``, entries
+  older than ``max_age`` trimmed from the front, the stream's TTL ``max_age``) and publishes
+  ``b"\\xff<offset>:<epoch>:" + data`` on the room's channel. Every subscribed process,
+  the publisher too, delivers it from that channel, with its offset, in offset order.
+  ``position`` and ``history`` are one script each (:data:`_POSITION`, :data:`_HISTORY`), so
+  the epoch, the head and the entries are read together; ``history`` mirrors
+  :meth:`tether.proto.resume.RoomLog.read` (count and age bounds applied on reading, so
+  ``MAXLEN ~`` keeping a few more changes nothing).
+* **Live gaps**: pub/sub loses what is published while a subscriber's connection is down,
+  or a message whose script failed half-way. Each subscribed room has a :class:`Track`: an
+  offset past the next one, or a reconnect (every subscribed room's head is read again after
+  resubscribing), starts a repair that reads the missing range from the stream and delivers
+  it in order, holding live arrivals meanwhile; what history no longer has goes to the hub's
+  ``on_gap`` handler as a :class:`tether.proto.resume.Gap` (the hub tells the room's
+  members with a session).
+* **Fan-out of raw messages** (``hub.send``, no offset): one Redis pub/sub channel per room
+  (``<prefix>:room:<room>``), subscribed while this process has a member in the room,
+  published once; the publishing process drops its own copy (it delivered locally already).
+* **Presence**: one hash per room and process (``<prefix>:{r:<room>}:presence:<node>``,
+  member id -> JSON meta) plus a set of the processes in the room (``...:nodes``), all with
+  a TTL of ``presence_ttl`` seconds. Joins and leaves write their member (HSET, HDEL); a
+  heartbeat every ``heartbeat_interval`` seconds only renews the TTLs (one pipelined PEXPIRE
+  per key). A key the renewal finds gone (evicted, or expired during a long pause) has its
+  room rewritten, as has a room whose write failed; the whole presence is rewritten after
+  each (re)connect. A process that dies stops renewing: its members vanish from every
+  presence list within ``presence_ttl``.
 * **Faults**: every way a session ends (Redis gone, a timeout, or an unexpected error,
   logged with its traceback) is logged, and the broker reconnects with exponential backoff
   and jitter; only :meth:`RedisBroker.close` stops it. Meanwhile the server keeps serving its
-  own connections (local broadcasts still arrive). On reconnect it resubscribes and
-  rewrites its presence (a restarted Redis has none). While Redis is away, broadcasts to
-  and from other processes are dropped, and so is a batch of publications in a pipeline
-  that failed (all counted in ``dropped``: unconfirmed means lost, never resent); presence
-  lists show only this process's members.
+  own connections. Room stream messages wait in the bounded outbox (``max_outbox``, oldest
+  dropped and counted in ``dropped``) and get their offsets, and reach every member, local
+  ones too, once Redis is back; a batch whose pipeline failed is sent again (a script that
+  ran already is not applied twice). Raw messages (``hub.send``) to and from other processes
+  are dropped while Redis is away, as is a raw batch in a pipeline that failed (counted in
+  ``dropped``). On reconnect the broker resubscribes, repairs every room from its last
+  delivered offset, and rewrites its presence (a restarted Redis has none); presence lists
+  show only this process's members meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import random
+import secrets
+import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 try:
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
-    from redis.exceptions import RedisError
+    from redis.exceptions import NoScriptError, RedisError
 except ImportError as exc:  # pragma: no cover - exercised by tests with redis hidden
     raise ImportError("tether's Redis broker needs redis-py: pip install 'tether[redis]'") from exc
 
 from ..proto.backoff import Backoff
-from .broker import Broker, Deliver
+from ..proto.resume import EPOCH, LOST, Gap
+from .broker import Broker, Deliver, History
 
-__all__ = ["RedisBroker", "LinkState"]
+__all__ = ["RedisBroker", "LinkState", "Track"]
 
 logger = logging.getLogger("tether.redis")
 
 _ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+#: ``on_gap(room, gap)`` (:class:`tether.rooms.broker.LostGap`).
+OnGap = Callable[[str, Gap], None]
 
 # Drop from a room's node set the nodes whose presence hash is gone, in one step: a node that
 # rewrote its hash between our read and the removal stays listed. KEYS: the node set, then
@@ -71,6 +104,151 @@ end
 return removed
 """
 
+# One publication to a room's stream, atomically: offset, history, pub/sub.
+# KEYS: 1 the room's meta hash, 2 its stream, 3 this broker instance's last publication seq.
+# ARGV: 1 the room's channel, 2 the data, 3 max_count, 4 max_age (ms), 5 the meta's TTL (ms),
+# 6 a fresh epoch (used only if the room has none), 7 the publication's seq (0: none),
+# 8 the seq key's TTL (ms).
+# Returns the offset given, or 0 for a publication applied already (resent after a pipeline
+# failed with its reply in flight).
+_PUBLISH = r"""
+local seq = tonumber(ARGV[7])
+if seq > 0 then
+  local seen = redis.call('GET', KEYS[3])
+  if seen and tonumber(seen) >= seq then
+    return 0
+  end
+  redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[8])
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local before = tonumber(redis.call('HGET', KEYS[1], 'at') or '0')
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'top', 1)
+redis.call('HSET', KEYS[1], 'at', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+local max_count, max_age = tonumber(ARGV[3]), tonumber(ARGV[4])
+if max_count > 0 and max_age > 0 then
+  if offset > 1 and now - before > max_age and redis.call('EXISTS', KEYS[2]) == 0 then
+    redis.call('HSET', KEYS[1], 'aged', offset - 1)  -- the stream expired: the room was idle
+  end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', max_count, string.format('%d-%d', offset, now), 'd', ARGV[2])
+  local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+  if first and now - tonumber(string.match(first[1], '-(%d+)$')) > max_age then
+    local aged, cut = 0, nil
+    for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 256)) do
+      local o, t = string.match(entry[1], '^(%d+)-(%d+)$')
+      if now - tonumber(t) <= max_age then
+        cut = o
+        break
+      end
+      aged = tonumber(o)
+    end
+    redis.call('XTRIM', KEYS[2], 'MINID', cut or string.format('%d', aged + 1))
+    redis.call('HSET', KEYS[1], 'aged', aged)
+  end
+  redis.call('PEXPIRE', KEYS[2], max_age)
+else
+  redis.call('DEL', KEYS[2])
+end
+redis.call('PUBLISH', ARGV[1], '\255' .. string.format('%d', offset) .. ':' .. epoch .. ':' .. ARGV[2])
+return offset
+"""
+
+# A room's position: {epoch, top}. A room without a meta hash (never published to, or its
+# history lost) gets one now, with a fresh epoch: every process then reads the same.
+# KEYS: 1 meta, 2 stream. ARGV: 1 a fresh epoch, 2 the meta's TTL (ms).
+_POSITION = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return {epoch, tonumber(redis.call('HGET', KEYS[1], 'top') or '0')}
+"""
+
+# The messages after offset ARGV[1] of epoch ARGV[2], as MemoryBroker.history gives them: if
+# ARGV[2] is not the room's epoch (its history was lost), the current epoch's from its start.
+# KEYS: 1 meta, 2 stream. ARGV: 1 after, 2 epoch, 3 limit, 4 max_count, 5 max_age (ms),
+# 6 a fresh epoch, 7 the meta's TTL (ms).
+# Returns {epoch, top, reason, first, offset, data, offset, data...}: the messages kept from
+# offset first on; reason '' (nothing missing), or why the ones before first are missing:
+# 'trimmed', 'expired', 'too_many' (then none are replayed), 'epoch' (another epoch).
+_HISTORY = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[7])
+end
+local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0')
+local after = tonumber(ARGV[1])
+local other = epoch ~= ARGV[2]
+if other then
+  after = 0
+end
+if after >= top then
+  return {epoch, top, other and 'epoch' or '', top + 1}
+end
+if top - after > tonumber(ARGV[3]) then
+  return {epoch, top, other and 'epoch' or 'too_many', top + 1}
+end
+local max_count, max_age = tonumber(ARGV[4]), tonumber(ARGV[5])
+local reply = {epoch, top, '', top + 1}
+if max_count <= 0 or max_age <= 0 then
+  reply[3] = (other and 'epoch') or ((max_count <= 0) and 'trimmed') or 'expired'
+  return reply
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local floor = top - max_count
+local aged = false
+local range = redis.call('XRANGE', KEYS[2], string.format('%d', after + 1), '+', 'COUNT', top - after)
+for _, entry in ipairs(range) do
+  local o, t = string.match(entry[1], '^(%d+)-(%d+)$')
+  o = tonumber(o)
+  if o > floor then
+    if now - tonumber(t) > max_age then
+      aged = true
+    else
+      if #reply == 4 then
+        reply[4] = o
+      end
+      reply[#reply + 1] = o
+      reply[#reply + 1] = entry[2][2]
+    end
+  end
+end
+if other then
+  reply[3] = 'epoch'
+elseif reply[4] > after + 1 then
+  local missing = reply[4] - 1
+  local last_aged = tonumber(redis.call('HGET', KEYS[1], 'aged') or '0')
+  local at = tonumber(redis.call('HGET', KEYS[1], 'at') or '0')
+  if missing > floor and (aged or missing <= last_aged or now - at > max_age) then
+    reply[3] = 'expired'
+  else
+    reply[3] = 'trimmed'
+  end
+end
+return reply
+"""
+
+#: The first byte of a stream publication (raw ones start with the ASCII node id).
+_STREAM: Final = 0xFF
+_SEQ_TTL_MS: Final = 600_000  # how long a resent publication is recognised as applied
+_SYNC_ROUNDS: Final = 8  # history reads one repair makes before it gives up on a hole
+_SYNC_FAILURES: Final = 5  # failed reads (with the link up) before it gives up
+_RESYNC_CHUNK: Final = 500  # rooms per pipelined position read after a reconnect
+
 
 class LinkState(enum.Enum):
     CONNECTING = 1
@@ -79,19 +257,165 @@ class LinkState(enum.Enum):
     CLOSED = 4
 
 
+# -- live stream bookkeeping (pure: no I/O, no clock) -------------------------------------------
+#: What :meth:`Track.arrive` says to do with a live message.
+DELIVER: Final = 0
+SEEN: Final = 1
+HELD: Final = 2
+
+Out = list["tuple[int, bytes] | Gap"]
+
+
+class Track:
+    """One subscribed room's stream as this process delivers it: in offset order, each once.
+
+    ``epoch`` and ``last`` are what was delivered last (``last`` None until the room's position
+    is known). A live message that follows ``last`` is delivered at once; any other is held
+    (:data:`HELD`) and the caller syncs: it reads the room's history after ``last``
+    (:meth:`read`), or its position (:meth:`position`), then :meth:`drain` delivers what was
+    held and says whether a hole remains; :meth:`give_up` reports the holes as lost. A new
+    epoch (Redis lost the room's history) is a gap ``Gap(0, k, "epoch", new)``: offsets start
+    again, and what the new epoch kept after ``k`` follows.
+    """
+
+    __slots__ = ("epoch", "last", "held")
+
+    def __init__(self) -> None:
+        self.epoch: str | None = None
+        self.last: int | None = None
+        #: Live messages waiting: ``(epoch, offset, data)`` in arrival order.
+        self.held: list[tuple[str, int, bytes]] = []
+
+    def arrive(self, epoch: str, offset: int, data: bytes, *, syncing: bool = False) -> int:
+        """A live message: :data:`DELIVER` it now, :data:`SEEN` already (drop it), or
+        :data:`HELD` (a hole before it, another epoch, a sync running or not positioned yet:
+        sync)."""
+        if not syncing and not self.held and epoch == self.epoch and self.last is not None:
+            if offset == self.last + 1:
+                self.last = offset
+                return DELIVER
+            if offset <= self.last:
+                return SEEN
+        self.held.append((epoch, offset, data))
+        return HELD
+
+    def position(self, epoch: str, head: int) -> None:
+        """The room's position, read after subscribing: deliver from there. A held message
+        at or before ``head`` was published after the subscription: it and what follows it
+        are delivered; held messages of another epoch are older than the position."""
+        first = min((offset for e, offset, _ in self.held if e == epoch), default=head + 1)
+        self.epoch, self.last = epoch, min(head, first - 1)
+        self.held = [held for held in self.held if held[0] == epoch]
+
+    def read(self, epoch: str, items: list[tuple[int, bytes]], gap: Gap | None) -> Out:
+        """The room's history after ``last``, as :meth:`RedisBroker.history` answers it
+        (``epoch``: the room's now; if it is not ours the stream restarted, and the answer is
+        the new epoch's from its start, after ``Gap(0, k, "epoch")``): what to deliver."""
+        assert self.last is not None, "not positioned"
+        out: Out = []
+        if epoch != self.epoch:
+            self.epoch, self.last = epoch, 0
+            self.last = self._until_held(gap.last if gap is not None else 0)
+            out.append(Gap(0, self.last, EPOCH, epoch))
+        elif gap is not None and gap.last > self.last:
+            last = self._until_held(gap.last)
+            if last > self.last:
+                out.append(Gap(self.last + 1, last, gap.reason, gap.epoch))
+                self.last = last
+        for offset, data in items:
+            if offset == self.last + 1:
+                out.append((offset, data))
+                self.last = offset
+        return out
+
+    def _until_held(self, last: int) -> int:
+        """A gap from history ends before what we hold: that arrived live, it is not lost."""
+        held = [offset for epoch, offset, _ in self.held if epoch == self.epoch and offset > (self.last or 0)]
+        return min(last, min(held) - 1) if held else last
+
+    def drain(self) -> tuple[list[tuple[int, bytes]], bool]:
+        """The held messages that now follow in order, and whether a hole remains (or a held
+        message of another epoch was dropped: read again to learn which epoch is current)."""
+        assert self.last is not None, "not positioned"
+        mine = sorted((offset, data) for epoch, offset, data in self.held if epoch == self.epoch)
+        other = len(mine) != len(self.held)
+        out: list[tuple[int, bytes]] = []
+        keep: list[tuple[str, int, bytes]] = []
+        for offset, data in mine:
+            if offset == self.last + 1:
+                out.append((offset, data))
+                self.last = offset
+            elif offset > self.last:
+                assert self.epoch is not None
+                keep.append((self.epoch, offset, data))
+        self.held = keep
+        return out, bool(keep) or other
+
+    def give_up(self) -> Out:
+        """Stop waiting for the holes: each becomes a ``lost`` gap; what is held goes out."""
+        if self.last is None:
+            if not self.held:
+                return []
+            self.position(self.held[-1][0], min(o for e, o, _ in self.held if e == self.held[-1][0]) - 1)
+        assert self.last is not None and self.epoch is not None
+        out: Out = []
+        for offset, data in sorted((o, d) for e, o, d in self.held if e == self.epoch):
+            if offset <= self.last:
+                continue
+            if offset > self.last + 1:
+                out.append(Gap(self.last + 1, offset - 1, LOST, self.epoch))
+            out.append((offset, data))
+            self.last = offset
+        self.held = []
+        return out
+
+
+class _Room:
+    """A subscribed room: its :class:`Track` and the sync (repair) running for it."""
+
+    __slots__ = ("track", "task", "again")
+
+    def __init__(self) -> None:
+        self.track = Track()
+        self.task: asyncio.Task[None] | None = None
+        self.again = False  # read once more when the running sync ends (a reconnect happened)
+
+
+def parse(data: bytes) -> tuple[int, str, bytes]:
+    """A stream publication: ``(offset, epoch, data)``. Raises ``ValueError``."""
+    colon = data.index(b":", 1)
+    end = data.index(b":", colon + 1)
+    return int(data[1:colon]), data[colon + 1 : end].decode(), data[end + 1 :]
+
+
+def _history_reply(reply: list[Any], after: int) -> tuple[str, int, list[tuple[int, bytes]], Gap | None]:
+    """``(epoch, head, messages, gap)`` of a :data:`_HISTORY` reply."""
+    epoch, head, reason, first = reply[0].decode(), int(reply[1]), reply[2].decode(), int(reply[3])
+    items = [(int(reply[i]), bytes(reply[i + 1])) for i in range(4, len(reply), 2)]
+    if not reason:
+        return epoch, head, items, None
+    return epoch, head, items, Gap(0 if reason == EPOCH else after + 1, first - 1, reason, epoch)
+
+
 class RedisBroker(Broker):
-    """A :class:`tether.broker.Broker` over Redis pub/sub, with presence kept in Redis.
+    """A :class:`tether.broker.Broker` over Redis: room streams (offsets and history) and
+    pub/sub, presence kept in Redis.
 
     Settings: ``url`` (``redis://[:password@]host:port/db``, ``rediss://`` for TLS);
     ``prefix`` of every key and channel; ``presence_ttl`` (seconds a dead process's members
-    stay listed, at most) and ``heartbeat_interval`` (must be well below it);
-    ``max_outbox`` publications waiting for Redis (oldest dropped beyond);
-    ``connect_timeout`` and ``command_timeout`` in seconds; reconnect backoff between
-    ``backoff_base`` and ``backoff_cap`` seconds (it starts again from ``backoff_base`` once
-    a session stayed up ``heartbeat_interval``).
+    stay listed, at most) and ``heartbeat_interval`` (must be well below it); ``history``,
+    the default bounds of a room's history (1,000 messages, 120 s; per room:
+    :meth:`configure`, the same on every process); ``meta_ttl`` (seconds a room's epoch and
+    offset outlive its last publication while no process is subscribed; a room that outlives
+    it starts a new epoch); ``max_outbox`` publications waiting for Redis (oldest dropped
+    beyond); ``max_repair`` messages one live repair reads at most (more missing is a
+    ``too_many`` gap); ``connect_timeout`` and ``command_timeout`` in seconds; reconnect
+    backoff between ``backoff_base`` and ``backoff_cap`` seconds (it starts again from
+    ``backoff_base`` once a session stayed up ``heartbeat_interval``).
     """
 
     shared = True
+    streams = True
 
     def __init__(
         self,
@@ -101,6 +425,10 @@ class RedisBroker(Broker):
         # Presence
         presence_ttl: float = 15.0,
         heartbeat_interval: float = 5.0,
+        # Streams
+        history: History | None = None,
+        meta_ttl: float = 86_400.0,
+        max_repair: int = 1000,
         # Limits
         max_outbox: int = 10_000,
         # Timeouts
@@ -111,35 +439,56 @@ class RedisBroker(Broker):
     ) -> None:
         if not 0 < heartbeat_interval < presence_ttl:
             raise ValueError("need 0 < heartbeat_interval < presence_ttl")
+        if meta_ttl <= 0 or max_repair < 1:
+            raise ValueError("need meta_ttl > 0 and max_repair >= 1")
         self.url = url
         self.prefix = prefix
         self.presence_ttl = presence_ttl
         self.heartbeat_interval = heartbeat_interval
+        self.history_bounds = history if history is not None else History()
+        self.meta_ttl = meta_ttl
+        self.max_repair = max_repair
         self.max_outbox = max_outbox
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.state = LinkState.CONNECTING
-        #: Publications dropped: Redis away, outbox full, or lost in a failed pipeline.
+        #: Publications dropped: outbox full, raw ones while Redis is away or in a failed
+        #: pipeline, refused by Redis, or queued when the broker closed.
         self.dropped = 0
-        #: Publications sent and received.
+        #: Publications sent (confirmed by Redis) and received.
         self.published = 0
         self.received = 0
+        #: Stream publications sent again after their pipeline failed.
+        self.resent = 0
+        #: Stream messages delivered from history to fill a live hole, and gaps reported.
+        self.repaired = 0
+        self.gaps = 0
         self._node = ""
+        self._instance = secrets.token_hex(4)  # names this broker's seq key: seqs restart with it
+        self._seq = itertools.count(1)
         self._deliver: Deliver | None = None
+        self._on_gap: OnGap | None = None
         self._client: Any = None
         self._pubsub: Any = None
         self._rooms: dict[bytes, str] = {}  # channel -> room, rooms we subscribe to
+        self._tracks: dict[str, _Room] = {}  # room -> its live stream, rooms we subscribe to
+        self._bounds: dict[str, History] = {}  # per-room history bounds (configure)
         self._local: dict[str, dict[str, bytes]] = {}  # this node's presence: room -> member -> meta
         self._synced: set[str] = set()  # rooms whose presence we wrote (keys we may have in Redis)
         self._dirty: set[str] = set()  # rooms whose presence write failed or waits for the link
         self._drop_gone: Any = None
+        self._scripts: dict[str, Any] = {}
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
-        self._outbox: deque[tuple[bytes, bytes]] = deque()
+        # (room, data, seq): seq > 0 for a stream publication, 0 for a raw one.
+        self._outbox: deque[tuple[str, bytes, int]] = deque()
         self._wake = asyncio.Event()
         # Presence writes go one at a time: a rewrite of a snapshot taken before a join
         # would otherwise erase that join in Redis.
         self._presence_lock = asyncio.Lock()
+        self._sync_limit = asyncio.Semaphore(8)  # repairs reading Redis at once
+        self._syncs: set[asyncio.Task[None]] = set()
+        self._meta_renewed = 0.0
         self._run_task: asyncio.Task[None] | None = None
         self._session_over = False
         self._first: asyncio.Future[None] | None = None
@@ -152,11 +501,18 @@ class RedisBroker(Broker):
     def _channel(self, room: str) -> bytes:
         return f"{self.prefix}:room:{room}".encode()
 
-    def _hash(self, room: str) -> str:
-        return f"{self.prefix}:presence:{room}:{self._node}"
+    def _key(self, room: str, name: str) -> str:
+        """A key of ``room``: all of them share the hash tag ``{r:<room>}`` (one cluster slot)."""
+        return f"{self.prefix}:{{r:{room}}}:{name}"
+
+    def _hash(self, room: str, node: str | None = None) -> str:
+        return self._key(room, f"presence:{node if node is not None else self._node}")
 
     def _nodes(self, room: str) -> str:
-        return f"{self.prefix}:nodes:{room}"
+        return self._key(room, "nodes")
+
+    def _stream_keys(self, room: str) -> list[str]:
+        return [self._key(room, "meta"), self._key(room, "stream")]
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self, node: str, deliver: Deliver) -> None:
@@ -167,21 +523,31 @@ class RedisBroker(Broker):
             socket_connect_timeout=self.connect_timeout,
             socket_timeout=self.command_timeout,
             retry=Retry(NoBackoff(), 0),  # we reconnect ourselves; never block a caller retrying
+            client_name=f"{self.prefix}:{node}",
         )
         self._drop_gone = self._client.register_script(_DROP_GONE)
+        for name, body in (("publish", _PUBLISH), ("position", _POSITION), ("history", _HISTORY)):
+            self._scripts[name] = self._client.register_script(body)
         loop = asyncio.get_running_loop()
         self._first = loop.create_future()
         self._run_task = loop.create_task(self._run())
         await asyncio.wait([self._first], timeout=self.connect_timeout + self.command_timeout)
+
+    def on_gap(self, handler: OnGap) -> None:
+        self._on_gap = handler
 
     async def close(self) -> None:
         if self.state is LinkState.CLOSED:
             return
         was_up = self.state is LinkState.UP
         self.state = LinkState.CLOSED
+        for task in self._syncs:
+            task.cancel()
         if self._run_task is not None:
             self._run_task.cancel()
             await asyncio.wait([self._run_task], timeout=self.command_timeout)
+        if self._syncs:
+            await asyncio.wait(self._syncs, timeout=self.command_timeout)
         if self._client is None:
             return
         if was_up and (self._synced or self._dirty):
@@ -237,7 +603,7 @@ class RedisBroker(Broker):
         else:
             why = f"unexpected {type(error).__name__}: {error}"
         if was_up:
-            message = "lost Redis at %s (%s); serving local members only, reconnecting"
+            message = "lost Redis at %s (%s); serving local members only, room messages wait for it, reconnecting"
         elif failed == 0 or not expected:
             message = "cannot reach Redis at %s (%s); retrying"
         else:
@@ -247,10 +613,13 @@ class RedisBroker(Broker):
         logger.log(logging.WARNING if expected else logging.ERROR, message, _redact(self.url), why, exc_info=None if expected else error)
 
     async def _session(self) -> None:
-        """One connection: subscribe, resync presence, then read until the link fails."""
+        """One connection: subscribe, resync presence and streams, then read until the link
+        fails."""
         pubsub = self._client.pubsub()
         try:
+            await self._load_scripts()
             channels = [f"{self.prefix}:node:{self._node}".encode(), *self._rooms]
+            confirmed = self._expect(channels[1:])
             await pubsub.subscribe(*channels)
             await self._sync_presence()
             self._pubsub = pubsub
@@ -259,13 +628,14 @@ class RedisBroker(Broker):
             self._backoff.connected(asyncio.get_running_loop().time())
             missing = set(self._rooms) - set(channels)
             if missing:
+                confirmed += self._expect(missing)
                 await pubsub.subscribe(*missing)
             if recovered:
                 logger.warning("reconnected to Redis at %s; resubscribed to %d rooms", _redact(self.url), len(self._rooms))
             else:
                 logger.info("connected to Redis at %s", _redact(self.url))
             self._release_first()
-            await self._supervise(pubsub)
+            await self._supervise(pubsub, confirmed)
         finally:
             self._pubsub = None
             try:
@@ -273,10 +643,25 @@ class RedisBroker(Broker):
             except _ERRORS:
                 pass
 
-    async def _supervise(self, pubsub: Any) -> None:
+    async def _load_scripts(self) -> None:
+        """Load the stream scripts (a restarted Redis has none): pipelines call them by sha."""
+        for script in self._scripts.values():
+            script.sha = await self._client.script_load(script.script)
+
+    def _expect(self, channels: Any) -> list[asyncio.Future[None]]:
+        """Futures resolved when Redis confirms the subscription to each of ``channels``."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for channel in channels:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(channel, []).append(fut)
+            futures.append(fut)
+        return futures
+
+    async def _supervise(self, pubsub: Any, confirmed: list[asyncio.Future[None]]) -> None:
         loop = asyncio.get_running_loop()
         self._session_over = False
-        tasks = [loop.create_task(c) for c in (self._read(pubsub), self._heartbeat(), self._publisher())]
+        tasks = [loop.create_task(c) for c in (self._read(pubsub), self._heartbeat(), self._publisher(confirmed))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -291,13 +676,17 @@ class RedisBroker(Broker):
             await asyncio.wait(tasks, timeout=self.command_timeout)
 
     def _lost(self) -> None:
+        """A session ended: raw publications waiting are dropped (they would reach the other
+        processes late, out of place); stream ones wait for the next session, unless closed."""
         self._release_first()
-        self.dropped += len(self._outbox)
-        self._outbox.clear()
+        kept = [entry for entry in self._outbox if entry[2]] if not self._is_closed() else []
+        self.dropped += len(self._outbox) - len(kept)
+        self._outbox = deque(kept)
         for waiters in self._waiters.values():
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
+        self._waiters.clear()
 
     def _is_closed(self) -> bool:
         return self.state is LinkState.CLOSED  # a separate call: close() may run during an await
@@ -325,7 +714,10 @@ class RedisBroker(Broker):
             return
         self.received += 1
         try:
-            self._deliver(room, data)
+            if data[:1] == b"\xff":
+                self._arrived(room, data)
+            else:
+                self._deliver(room, data)
         except Exception:
             logger.exception("delivering a broadcast in room %r failed", room)
 
@@ -334,6 +726,7 @@ class RedisBroker(Broker):
             await asyncio.sleep(self.heartbeat_interval)
             async with self._presence_lock:
                 await self._renew()
+            await self._renew_meta()
 
     async def _renew(self) -> None:
         """Renew the TTL of this node's presence keys, one pipelined PEXPIRE each; rewrite
@@ -355,6 +748,19 @@ class RedisBroker(Broker):
         stale = self._dirty | (self._local.keys() - self._synced) | (self._synced - self._local.keys())
         if stale:
             await self._rewrite(stale)
+
+    async def _renew_meta(self) -> None:
+        """Keep the epoch and offset of the rooms we subscribe to while they are quiet (a
+        quarter of ``meta_ttl`` apart), so their members' positions stay valid."""
+        now = time.monotonic()
+        if now - self._meta_renewed < self.meta_ttl / 4 or not self._tracks:
+            return
+        self._meta_renewed = now
+        ttl = int(self.meta_ttl * 1000)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for room in list(self._tracks):
+                pipe.pexpire(self._key(room, "meta"), ttl)
+            await pipe.execute()
 
     async def _sync_presence(self) -> None:
         """Rewrite this node's whole presence with a fresh TTL (heals a restarted Redis)."""
@@ -393,7 +799,11 @@ class RedisBroker(Broker):
     def _ttl_ms(self) -> int:
         return int(self.presence_ttl * 1000)
 
-    async def _publisher(self) -> None:
+    # -- publishing --------------------------------------------------------------------
+    async def _publisher(self, confirmed: list[asyncio.Future[None]]) -> None:
+        # Rooms are positioned before the outbox goes out: what we queued while Redis was away
+        # gets offsets after the positions, so it reaches our own members too.
+        await self._resync(confirmed)
         while not self._session_over:
             await self._wake.wait()
             self._wake.clear()
@@ -401,14 +811,188 @@ class RedisBroker(Broker):
                 batch = list(self._outbox)
                 self._outbox.clear()
                 try:
-                    async with self._client.pipeline(transaction=False) as pipe:
-                        for channel, data in batch:
-                            pipe.publish(channel, data)
-                        await pipe.execute()
+                    results = await self._send(batch)
                 except BaseException:
-                    self.dropped += len(batch)  # out of the outbox and unconfirmed: lost, not resent
+                    self._unconfirmed(batch)
                     raise
-                self.published += len(batch)
+                await self._confirmed(batch, results)
+
+    async def _send(self, batch: list[tuple[str, bytes, int]]) -> list[Any]:
+        """One pipeline: a :data:`_PUBLISH` script per stream publication, a PUBLISH per raw one."""
+        epoch = secrets.token_hex(4)  # a room without one gets this (one per batch is enough)
+        meta_ttl = int(self.meta_ttl * 1000)
+        sha = self._scripts["publish"].sha
+        async with self._client.pipeline(transaction=False) as pipe:
+            for room, data, seq in batch:
+                if seq:
+                    bounds = self._bounds.get(room, self.history_bounds)
+                    pipe.evalsha(
+                        sha, 3, *self._stream_keys(room), self._key(room, f"seq:{self._instance}"),
+                        self._channel(room), data, bounds.max_count, int(bounds.max_age * 1000), meta_ttl, epoch, seq, _SEQ_TTL_MS,
+                    )  # fmt: skip
+                else:
+                    pipe.publish(self._channel(room), data)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+    def _unconfirmed(self, batch: list[tuple[str, bytes, int]]) -> None:
+        """A pipeline failed with ``batch`` in it, applied or not: raw publications are lost
+        (counted), stream ones go back to the front of the outbox (the script applies each
+        once)."""
+        again = [entry for entry in batch if entry[2]]
+        self.dropped += len(batch) - len(again)
+        self.resent += len(again)
+        self._outbox.extendleft(reversed(again))
+        self._bound_outbox()
+
+    async def _confirmed(self, batch: list[tuple[str, bytes, int]], results: list[Any]) -> None:
+        unknown: list[tuple[str, bytes, int]] = []  # the script was gone (SCRIPT FLUSH)
+        refused: list[Exception] = []
+        for entry, result in zip(batch, results, strict=True):
+            if isinstance(result, NoScriptError):
+                unknown.append(entry)
+            elif isinstance(result, Exception):
+                refused.append(result)
+            else:
+                self.published += 1
+        if refused:
+            self.dropped += len(refused)
+            logger.warning("Redis refused %d publications (%s); dropped", len(refused), refused[0])
+        if unknown:
+            await self._load_scripts()
+            self._outbox.extendleft(reversed(unknown))
+            self._bound_outbox()
+
+    def _bound_outbox(self) -> None:
+        while len(self._outbox) > self.max_outbox:
+            self._outbox.popleft()
+            self.dropped += 1
+
+    # -- live streams --------------------------------------------------------------------
+    def _arrived(self, room: str, data: bytes) -> None:
+        """A stream publication from pub/sub: deliver it in order, or hold it and repair."""
+        try:
+            offset, epoch, payload = parse(data)
+        except ValueError:
+            logger.warning("dropped a malformed stream message in room %r", room)
+            return
+        state = self._tracks.get(room)
+        if state is None:
+            return
+        verdict = state.track.arrive(epoch, offset, payload, syncing=state.task is not None)
+        if verdict == DELIVER:
+            assert self._deliver is not None
+            self._deliver(room, payload, offset)
+        elif verdict == HELD:
+            if len(state.track.held) > self.max_outbox:  # a repair that cannot keep up
+                self._emit(room, state.track.give_up())
+            self._want_sync(room, state)
+
+    def _want_sync(self, room: str, state: _Room) -> None:
+        if state.task is not None:
+            state.again = True
+            return
+        state.task = task = asyncio.get_running_loop().create_task(self._sync(room, state))
+        self._syncs.add(task)
+        task.add_done_callback(self._syncs.discard)
+
+    async def _sync(self, room: str, state: _Room) -> None:
+        """Bring ``room``'s delivery up to date: position it, or read its history after what
+        was delivered, deliver what was held, until no hole remains (bounded)."""
+        track = state.track
+        failures, delay = 0, self.backoff_base
+        rounds = 0
+        try:
+            while rounds < _SYNC_ROUNDS:
+                state.again = False
+                try:
+                    async with self._sync_limit:
+                        if track.last is None:
+                            epoch, head = await self._position(room)
+                            if self._tracks.get(room) is not state:
+                                return
+                            track.position(epoch, head)
+                        else:
+                            after, current = track.last, track.epoch
+                            epoch, _, items, gap = await self._read_stream(room, after, current, self.max_repair)
+                            if self._tracks.get(room) is not state:
+                                return
+                            out = track.read(epoch, items, gap)
+                            self.repaired += sum(1 for item in out if not isinstance(item, Gap))
+                            self._emit(room, out)
+                except _ERRORS as exc:
+                    if self.state is not LinkState.UP or self._tracks.get(room) is not state:
+                        return  # the next session's resync takes over
+                    failures += 1
+                    logger.debug("reading room %r to repair it failed (%s)", room, exc)
+                    if failures >= _SYNC_FAILURES:
+                        break
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.backoff_cap)
+                    continue
+                rounds += 1
+                delivered, hole = track.drain()
+                self._emit(room, delivered)
+                if not (hole or state.again):
+                    return
+            if self._tracks.get(room) is state:
+                self._emit(room, track.give_up())
+        finally:
+            state.task = None
+
+    def _emit(self, room: str, out: Any) -> None:
+        """Hand the hub what a repair produced: messages (deliver) and gaps (on_gap)."""
+        for item in out:
+            try:
+                if isinstance(item, Gap):
+                    self.gaps += 1
+                    logger.info("room %r: messages %d..%d are lost (%s)", room, item.first, item.last, item.reason)
+                    if self._on_gap is not None:
+                        self._on_gap(room, item)
+                elif self._deliver is not None:
+                    self._deliver(room, item[1], item[0])
+            except Exception:
+                logger.exception("delivering a repaired message in room %r failed", room)
+
+    async def _resync(self, confirmed: list[asyncio.Future[None]]) -> None:
+        """After (re)subscribing: position the rooms that are not (subscribed while Redis was
+        away), and repair every room whose head moved while we were away (or that holds
+        messages). Raises the Redis error that fails the session."""
+        if confirmed:
+            await asyncio.wait(confirmed, timeout=self.command_timeout)
+        rooms = list(self._tracks.items())
+        for start in range(0, len(rooms), _RESYNC_CHUNK):
+            chunk = rooms[start : start + _RESYNC_CHUNK]
+            positions = await self._positions([room for room, _ in chunk])
+            for (room, state), (epoch, head) in zip(chunk, positions, strict=True):
+                track = state.track
+                if self._tracks.get(room) is not state:
+                    continue
+                if track.last is None and state.task is None:
+                    track.position(epoch, head)
+                    delivered, hole = track.drain()
+                    self._emit(room, delivered)
+                    if hole:
+                        self._want_sync(room, state)
+                elif state.task is not None or track.held or (epoch, head) != (track.epoch, track.last):
+                    self._want_sync(room, state)
+
+    async def _position(self, room: str) -> tuple[str, int]:
+        reply = await self._scripts["position"](keys=self._stream_keys(room), args=[secrets.token_hex(4), int(self.meta_ttl * 1000)])
+        return reply[0].decode(), int(reply[1])
+
+    async def _positions(self, rooms: list[str]) -> list[tuple[str, int]]:
+        epoch, ttl, sha = secrets.token_hex(4), int(self.meta_ttl * 1000), self._scripts["position"].sha
+        async with self._client.pipeline(transaction=False) as pipe:
+            for room in rooms:
+                pipe.evalsha(sha, 2, *self._stream_keys(room), epoch, ttl)
+            replies = await pipe.execute()
+        return [(reply[0].decode(), int(reply[1])) for reply in replies]
+
+    async def _read_stream(self, room: str, after: int, epoch: str | None, limit: int) -> tuple[str, int, list[tuple[int, bytes]], Gap | None]:
+        bounds = self._bounds.get(room, self.history_bounds)
+        args = [after, epoch or "", limit, bounds.max_count, int(bounds.max_age * 1000), secrets.token_hex(4), int(self.meta_ttl * 1000)]
+        return _history_reply(await self._scripts["history"](keys=self._stream_keys(room), args=args), after)
 
     # -- Broker --------------------------------------------------------------------------
     async def subscribe(self, room: str) -> None:
@@ -417,16 +1001,24 @@ class RedisBroker(Broker):
     async def _subscribe(self, room: str) -> None:
         channel = self._channel(room)
         self._rooms[channel] = room
+        state = self._tracks.get(room)
+        if state is None:
+            state = self._tracks[room] = _Room()
         pubsub = self._pubsub
         if self.state is not LinkState.UP or pubsub is None:
-            return  # the next session subscribes to every room
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(channel, []).append(fut)
+            return  # the next session subscribes to every room and positions it
+        (fut,) = self._expect([channel])
         try:
             await pubsub.subscribe(channel)
             await asyncio.wait_for(asyncio.shield(fut), self.command_timeout)
         except _ERRORS as exc:
             logger.debug("subscribe to %r failed (%s); the reconnect will retry", room, exc)
+            return
+        if state.track.last is None:  # position it now: deliveries start from here
+            self._want_sync(room, state)
+            task = state.task
+            if task is not None:
+                await asyncio.wait([task], timeout=self.command_timeout)
 
     async def unsubscribe(self, room: str) -> None:
         return await self._unsubscribe(room)
@@ -434,6 +1026,9 @@ class RedisBroker(Broker):
     async def _unsubscribe(self, room: str) -> None:
         channel = self._channel(room)
         self._rooms.pop(channel, None)
+        state = self._tracks.pop(room, None)
+        if state is not None and state.task is not None:
+            state.task.cancel()
         pubsub = self._pubsub
         if self.state is LinkState.UP and pubsub is not None:
             try:
@@ -445,11 +1040,61 @@ class RedisBroker(Broker):
         if self.state is not LinkState.UP:
             self.dropped += 1
             return
-        if len(self._outbox) >= self.max_outbox:
-            self._outbox.popleft()
-            self.dropped += 1
-        self._outbox.append((self._channel(room), data))
+        self._outbox.append((room, data, 0))
+        self._bound_outbox()
         self._wake.set()
+
+    async def publish_stream(self, room: str, data: bytes) -> None:
+        """Queue ``data`` for ``room``'s stream: it gets its offset when it reaches Redis
+        (while Redis is away it waits in the outbox), and reaches every subscribed process,
+        this one too, from the room's channel."""
+        if self._is_closed():
+            self.dropped += 1
+            return
+        self._outbox.append((room, data, next(self._seq)))
+        self._bound_outbox()
+        self._wake.set()
+
+    async def position(self, room: str) -> tuple[str | None, int]:
+        """The room's epoch and head in Redis; while Redis is away, what this process
+        delivered last (``(None, 0)`` if nothing)."""
+        if self.state is LinkState.UP:
+            try:
+                return await self._position(room)
+            except _ERRORS as exc:
+                logger.debug("position of %r unreadable (%s); answering with what was delivered here", room, exc)
+        state = self._tracks.get(room)
+        if state is not None and state.track.last is not None:
+            return state.track.epoch, state.track.last
+        return None, 0
+
+    async def history(self, room: str, after: int, epoch: str | None, limit: int) -> tuple[list[tuple[int, bytes]], Gap | None]:
+        """The stream after ``after`` (see :meth:`tether.proto.resume.RoomLog.read`). While
+        Redis is away: what this process delivered since ``after`` is a ``lost`` gap; a room
+        not positioned yet starts at ``after`` (the repair after the reconnect delivers what
+        follows)."""
+        if self.state is LinkState.UP:
+            try:
+                _, _, items, gap = await self._read_stream(room, after, epoch, limit)
+                return items, gap
+            except _ERRORS as exc:
+                logger.debug("history of %r unreadable (%s)", room, exc)
+        state = self._tracks.get(room)
+        if state is None:  # not subscribed: nothing known, nothing will follow
+            return [], Gap(after + 1, after, LOST, epoch)
+        track = state.track
+        if track.last is None:
+            if epoch is not None:
+                track.position(epoch, after)
+            return [], None
+        if track.epoch != epoch:
+            return [], Gap(0, track.last, EPOCH, track.epoch)
+        if after >= track.last:
+            return [], None
+        return [], Gap(after + 1, track.last, LOST, track.epoch)
+
+    def configure(self, room: str, history: History) -> None:
+        self._bounds[room] = history
 
     async def put_member(self, room: str, member: str, meta: bytes) -> None:
         return await self._put_member(room, member, meta)
@@ -511,7 +1156,7 @@ class RedisBroker(Broker):
             return {}
         async with self._client.pipeline(transaction=False) as pipe:
             for node in nodes:
-                pipe.hgetall(f"{self.prefix}:presence:{room}:{node.decode()}")
+                pipe.hgetall(self._hash(room, node.decode()))
             hashes = await pipe.execute()
         found: dict[str, bytes] = {}
         gone = []
@@ -521,7 +1166,7 @@ class RedisBroker(Broker):
             for member, meta in members.items():
                 found[member.decode()] = meta
         if gone:
-            keys = [self._nodes(room), *(f"{self.prefix}:presence:{room}:{node.decode()}" for node in gone)]
+            keys = [self._nodes(room), *(self._hash(room, node.decode()) for node in gone)]
             await self._drop_gone(keys=keys, args=gone)
         return found
 
