@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="5,000 messages per repeat instead of 50,000")
     parser.add_argument("--messages", type=int, help="messages per repeat (overrides --quick)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats per case; the best is reported")
+    parser.add_argument("--case", type=int, action="append", help="run only these cases (0-based; repeatable), e.g. under valgrind")
     args = parser.parse_args(argv)
     n = args.messages or (5_000 if args.quick else 50_000)
 
@@ -219,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     failed = False
     try:
-        for label, factory, with_id, with_session, expected in CASES:
+        for index, (label, factory, with_id, with_session, expected) in enumerate(CASES):
+            if args.case is not None and index not in args.case:
+                continue
             texts = messages(n, with_id=with_id, session=with_session)
             ns, wire, first = run_case(loop, factory, texts, args.repeats, with_session)
             ok = wire.frames == n * args.repeats and first != b"" and msgspec.json.decode(first) == expected
