@@ -7,7 +7,7 @@
  *       request: { add: { data: { a: number; b: number }; reply: number } };
  *     }
  *     const client = connect<Chat>("wss://example.com/ws");
- *     client.on("chat", (data) => data.from);        // typed
+ *     client.on("chat", (data, room) => data.from);  // typed; room: where it was broadcast
  *     const sum: number = await client.request("add", { a: 1, b: 2 });
  */
 
@@ -40,6 +40,13 @@ export interface BackoffOptions {
   cap?: number;
   /** Seconds a connection must stay up before the attempt counter resets. Default 10. */
   stableAfter?: number;
+}
+
+/** The subset of `Storage` that `persist` uses. */
+export interface StorageLike {
+  getItem(key: string): string | null;
+  setItem(key: string, value: string): void;
+  removeItem(key: string): void;
 }
 
 /** The subset of the WebSocket class the client uses (injectable for tests). */
@@ -86,6 +93,38 @@ export interface ConnectOptions {
   maxRetryAfter?: number;
   /** Reconnect at once (skipping backoff) on `visibilitychange` to visible and on `online`. Default true. */
   reconnectOnWake?: boolean;
+  /**
+   * Keep a session (docs/clients.md, "Sessions and resume"): offered as the subprotocol
+   * `session` (then `session.<token>.<direct>`); with a server that keeps sessions, what is
+   * sent and received survives a reconnect within its window (120 s by default) in both
+   * directions, once and in order: unacked messages are resent, requests in flight get
+   * their replies, rooms and presence are kept, missed broadcasts replayed. A server that
+   * keeps none welcomes without one: then nothing is numbered. Same as
+   * `tether.Client(resume=)`. Default true.
+   */
+  resume?: boolean;
+  /**
+   * ms; a direct message from the server (reply, error, `conn.emit`) is acked on the next
+   * message sent, or on its own after this long. Same as `tether.Client(ack_delay=)` (s).
+   * Default 1000.
+   */
+  ackDelay?: number;
+  /**
+   * Keep the session in a Storage so that a reloaded page resumes it (opt-in):
+   * `"sessionStorage"` (one tab's, kept across reloads; nothing when the browser blocks it)
+   * or any Storage-like object. Stored under `persistKey`: the session's token and id, the
+   * last seq sent and direct seq received, the room positions, the next request id, and the
+   * newest unacked messages (at most `outboxSize` of them and 1 Mi characters; older ones
+   * count in the `resumed` event's `lostMessages`). Saved at each welcome and close, on
+   * `pagehide` and when the page becomes hidden; removed by `close()` and after a 4009.
+   * A duplicated tab copies sessionStorage: the copy resumes the session and the server
+   * closes the original with 4009, which then starts a new session (a "session" gap for its
+   * rooms). Requests of the previous page are resent but nobody waits for their replies.
+   * Default null (no persistence).
+   */
+  persist?: "sessionStorage" | StorageLike | null;
+  /** The Storage key of `persist`. Default `"tether.session " + the URL without its query`. */
+  persistKey?: string | null;
   /** WebSocket class to use. Default `globalThis.WebSocket`. */
   WebSocket?: new (url: string, protocols?: string[]) => WebSocketLike;
 }
@@ -107,8 +146,30 @@ export interface CloseDetail {
   willReconnect: boolean;
 }
 
+/** Why messages cannot be delivered (docs/protocol.md, "Gaps"); "session": a new session replaced the old one. */
+export type GapReason = "trimmed" | "expired" | "epoch" | "too_many" | "lost" | "session";
+
+export interface GapDetail {
+  /** The room (join it again after a "session" gap), or null for messages to this client only. */
+  room: string | null;
+  /** The offsets (room) or seqs (direct) that will never come, inclusive; 0, 0 for "session". */
+  first: number | null;
+  last: number | null;
+  reason: GapReason | string | null;
+}
+
+export interface ResumedDetail {
+  /** True: the server continued the session, nothing was lost. False: a new session. */
+  resumed: boolean;
+  /**
+   * One-way messages of the old session that may not have arrived (unacked when it ended,
+   * or left out of a `persist` storage). Its requests in flight failed with "ConnectionLost".
+   */
+  lostMessages: number;
+}
+
 export interface TetherEventMap {
-  /** A connection opened (every time). */
+  /** A connection's welcome arrived: sending works (the outbox is flushed). Every time. */
   open: CustomEvent<null>;
   /** A connection other than the first opened. */
   reconnected: CustomEvent<null>;
@@ -120,6 +181,13 @@ export interface TetherEventMap {
   error: CustomEvent<Error>;
   /** The outbox was full: its oldest message was dropped. */
   outboxoverflow: CustomEvent<{ message: OutboundMessage }>;
+  /**
+   * With `resume`, after each reconnect (before "open"), and on the first connection of a
+   * page that restored a session from `persist`.
+   */
+  resumed: CustomEvent<ResumedDetail>;
+  /** Messages that will never come: refetch what they would have told you. */
+  gap: CustomEvent<GapDetail>;
 }
 
 /** An `error` reply: `code` as listed in docs/protocol.md; `path` names the invalid field. */
@@ -141,8 +209,11 @@ export class TetherClient<S extends Schema = AnySchema> extends EventTarget {
   readonly state: ClientState;
   /** Last measured heartbeat round trip in ms, or null. */
   readonly latency: number | null;
-  /** Handle every server message of `type`; returns an unsubscribe function. */
-  on<K extends keyof S["receive"] & string>(type: K, handler: (data: S["receive"][K]) => void): () => void;
+  /**
+   * Handle every server message of `type`: `room` is the room it was broadcast to, null for a
+   * message to this client only. Returns an unsubscribe function.
+   */
+  on<K extends keyof S["receive"] & string>(type: K, handler: (data: S["receive"][K], room: string | null) => void): () => void;
   /** Send a one-way message (queued in the outbox while not open). Throws "ClientClosed" when closed. */
   send<K extends keyof S["send"] & string>(type: K, data: S["send"][K]): void;
   /**
@@ -156,7 +227,7 @@ export class TetherClient<S extends Schema = AnySchema> extends EventTarget {
   ): Promise<S["request"][K]["reply"]>;
   /** Reconnect now if a retry is waiting (a server's retry_after still applies). */
   wake(): void;
-  /** Close deliberately; never reconnects. */
+  /** Close deliberately (code 1000: the server ends the session); never reconnects. */
   close(): void;
 
   addEventListener<K extends keyof TetherEventMap>(
@@ -223,6 +294,65 @@ export interface SessionOptions {
   backoff?: Backoff;
   /** Seconds; cap on a 1001 `retry_after`. Default 60. */
   maxRetryAfter?: number;
+  /** Keep a session (number messages, track the server's streams). Default false (TetherClient passes true). */
+  resume?: boolean;
+}
+
+/** The close code of a connection whose session was resumed on another one. */
+export const SESSION_TAKEN: 4009;
+
+/** What a welcome means for the session's streams ({@link Session.welcomed}). */
+export interface Welcome<P> {
+  /** True: write a "resume" message with `positions()`, then `resend`, in order. */
+  readonly resumed: boolean;
+  /** The unacked payloads to write again (with their seq), oldest first. */
+  readonly resend: P[];
+  /** Requests the old session took with it (fail them with "ConnectionLost"). */
+  readonly lost: number[];
+  /** Unacked one-way messages of the old session. */
+  readonly lostMessages: number;
+  /** Rooms the old session was in. */
+  readonly roomsLost: string[];
+}
+
+/** The `session` of a welcome message. */
+export interface SessionInfo {
+  id?: string;
+  token?: string;
+  resumed?: boolean;
+  /** The last seq the server accepted. */
+  ack?: number;
+  /** Seconds a detached session waits for its client. */
+  window?: number;
+}
+
+/** A room's position: the epoch of its stream and the last offset received. */
+export interface RoomPosition {
+  epoch: string | null;
+  offset: number;
+}
+
+/** What `persist` stores ({@link Session.snapshot}). */
+export interface SessionSnapshot {
+  token: string;
+  sessionId: string | null;
+  seq: number;
+  direct: number;
+  rooms: Record<string, RoomPosition>;
+  nextId: number;
+  /** `[seq, payload]`, the newest unacked, oldest first. */
+  unacked: [seq: number, payload: string][];
+  /** Unacked messages left out. */
+  dropped: number;
+}
+
+/** Client side of one room's stream (port of tether.proto.resume.RoomCursor). */
+export class RoomCursor {
+  constructor(epoch: string | null, offset: number);
+  epoch: string | null;
+  offset: number;
+  /** A room message with `off`: true to deliver it, false if seen already (null: not part of the stream). */
+  receive(offset: number | null): boolean;
 }
 
 /** An outbox entry: `[payload, request id]`, the id null for a one-way message. */
@@ -237,12 +367,27 @@ export interface Retry {
 /**
  * A reconnecting client's bookkeeping with no I/O: the bounded outbox (oldest dropped first),
  * request ids, the pending requests and which of them were written to the current socket,
- * and the reconnect decision. A port of tether.proto.session.Session, checked by the same
- * vectors (tests/vectors/session.json). `P` is the payload type (TetherClient: envelopes).
+ * the reconnect decision, and with `resume` the session's streams (seq and acks both ways,
+ * room positions). A port of tether.proto.session.Session, checked by the same vectors
+ * (tests/vectors/session.json). `P` is the payload type (TetherClient: JSON strings; with
+ * `resume` a payload must be a JSON object's text).
  */
 export class Session<P = unknown> {
   constructor(options?: SessionOptions);
   readonly state: ClientState;
+  readonly resume: boolean;
+  /** The session's private token and id (null: no session). */
+  readonly token: string | null;
+  readonly sessionId: string | null;
+  /** The last seq given to a message written to the server. */
+  readonly seq: number;
+  /** `[seq, payload, id]` written and not acked yet, oldest first. */
+  readonly unacked: [seq: number, payload: P, id: number | null][];
+  /** The last direct seq received, and the last one acked to the server. */
+  readonly direct: number;
+  readonly directAcked: number;
+  /** Rooms the server put the session in. */
+  readonly rooms: Map<string, RoomCursor>;
   /** Waiting for a connection, oldest first. */
   readonly outbox: OutboxEntry<P>[];
   readonly outboxSize: number;
@@ -263,8 +408,31 @@ export class Session<P = unknown> {
   send(payload: P, id?: number | null): [writeNow: boolean, dropped: OutboxEntry<P> | null];
   /** Queue a message (also after its write failed); returns the entry dropped, or null. */
   queue(payload: P, id?: number | null): OutboxEntry<P> | null;
-  /** A request went out on the current connection. */
-  wrote(id: number | null): void;
+  /**
+   * A message goes out on the current connection: returns the payload to write. In a session
+   * it gets the next `seq` (and the direct `ack` owed) and is kept until acked. Without a
+   * payload it only marks a request written (and returns null).
+   */
+  wrote(id: number | null, payload?: P | null): P | null;
+  /** The server accepted everything up to `seq`. */
+  acked(seq: number | null): void;
+  /** A direct message: false if it is a duplicate (drop it). */
+  received(seq: number | null): boolean;
+  /** The ack owed now, or null. */
+  ackDue(): number | null;
+  /** The server put the session in `room` at `(epoch, offset)`. */
+  joined(room: string, epoch: string | null, offset: number): void;
+  left(room: string): void;
+  /** A room message: true to deliver it, false if received already. */
+  roomMessage(room: string, offset: number | null): boolean;
+  /** Offsets up to `last` of `epoch` will never come. */
+  roomGap(room: string, last: number, epoch: string | null): void;
+  /** The `data.rooms` of a "resume" message. */
+  positions(): Record<string, RoomPosition>;
+  /** The subprotocol entry to offer, or null without `resume`. */
+  offer(): string | null;
+  /** The welcome's `session` (null: the server keeps none). */
+  welcomed(info: SessionInfo | null): Welcome<P>;
   /** A reply/error for `id` arrived: true if it answers a pending request. */
   settle(id: unknown): boolean;
   /** Give up on a request (timed out): out of the pending ones and the outbox. */
@@ -273,7 +441,8 @@ export class Session<P = unknown> {
   connected(now: number): OutboxEntry<P>[];
   /**
    * The connection ended (`code` null: no close frame; `status`: the HTTP status of a refused
-   * handshake, which browsers cannot see). `lost`: requests written to it (no longer pending).
+   * handshake, which browsers cannot see). `lost`: requests written to it (no longer pending;
+   * with a session none until the resume decides, unless the close is final or a 4009).
    * `retry` null: closed for good (after close(), 1008, 4001, 4003, status 401/403); then
    * `close()` returns the requests still pending.
    */
@@ -286,4 +455,8 @@ export class Session<P = unknown> {
   ): [lost: number[], retry: Retry | null];
   /** Closed for good: empties the outbox; returns the requests still pending (all fail). */
   close(): number[];
+  /** JS only (`persist`): what a reloaded page needs to resume, or null without a session. */
+  snapshot(options?: { maxMessages?: number; maxBytes?: number }): SessionSnapshot | null;
+  /** JS only: continue a snapshot's session (unacked requests come back as one-way). Throws a TypeError if it is not one. */
+  restore(saved: SessionSnapshot): void;
 }
