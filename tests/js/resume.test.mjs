@@ -387,3 +387,17 @@ test("client persist option: sessionStorage when there is one, else none; anythi
   next.sockets[0].open(session());
   assert.equal(storage.saved().token, "tok");
 });
+
+test("client hands joined/left about no room and a gap without data to the app's handlers, as tether.Client does", (t) => {
+  const { client, sockets, events } = setup(t);
+  const got = [];
+  for (const type of ["joined", "left", "gap"]) client.on(type, (data, room) => got.push([type, data, room]));
+  sockets[0].open(session());
+  sockets[0].receive({ type: "joined", data: { name: "ann" }, seq: 1 }); // examples/chat's push
+  sockets[0].receive({ type: "left", data: "bob", seq: 2 });
+  sockets[0].receive({ type: "gap", data: "g", seq: 3 });
+  sockets[0].receive(joined("lobby", "e1", 4, 4)); // the framework's
+  sockets[0].receive({ type: "left", room: "lobby", seq: 5 });
+  assert.deepEqual(got, [["joined", { name: "ann" }, null], ["left", "bob", null], ["gap", "g", null]]);
+  assert.deepEqual(only(events, "gap"), []);
+});

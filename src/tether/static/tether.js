@@ -883,14 +883,22 @@ export class TetherClient extends EventTarget {
     session.acked(message.ack ?? null);
     if (room !== null && seq === null && !session.roomMessage(room, message.off ?? null)) return; // a replay overlapping live traffic
     const data = message.data ?? null;
+    const object = data !== null && typeof data === "object";
+    // joined/left about no room, or a gap without its data, are the app's own (as in tether.Client).
     switch (message.type) {
       case "welcome": return this.#onWelcome(data);
       case "reply": return this.#onReply(message.id, data);
       case "error": return this.#onError(message.id, data ?? {});
       case "heartbeat": return this.#onHeartbeat(data);
-      case "joined": return this.#onJoined(room, data);
-      case "left": return void (room !== null && session.left(room));
-      case "gap": return this.#onGap(room, data);
+      case "joined":
+        if (room === null || !object) break;
+        return session.joined(room, data.epoch ?? null, Number.isInteger(data.offset) ? data.offset : 0);
+      case "left":
+        if (room === null) break;
+        return session.left(room);
+      case "gap":
+        if (!object) break;
+        return this.#onGap(room, data);
       case "ack": return;
     }
     for (const handler of [...(this.#handlers.get(message.type) ?? [])]) {
@@ -937,13 +945,7 @@ export class TetherClient extends EventTarget {
     if (session.opened > 1) this.#emit("reconnected");
   }
 
-  #onJoined(room, data) {
-    if (room === null || data === null || typeof data !== "object") return;
-    this.#session.joined(room, data.epoch ?? null, Number.isInteger(data.offset) ? data.offset : 0);
-  }
-
   #onGap(room, data) {
-    if (data === null || typeof data !== "object") return;
     if (room !== null) this.#session.roomGap(room, Number.isInteger(data.last) ? data.last : 0, data.epoch ?? null);
     this.#emit("gap", { room, first: data.first ?? null, last: data.last ?? null, reason: data.reason ?? null });
   }
