@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -32,7 +31,8 @@ from tether.proto.resume import Gap
 from tether.redis_broker import LinkState, RedisBroker
 from tether.rooms.broker import History, MemoryBroker, MemoryBus
 from tether.rooms.redis import DELIVER, HELD, SEEN, Track
-from tests.conftest import timeout
+from tests.chaos_proxy import ChaosProxy
+from tests.conftest import timeout, within
 from tests.redis_fixture import AppProcess, Peer, RedisServer, app_processes, close_peers, eventually, open_peers, redis_server  # noqa: F401
 
 pytestmark = pytest.mark.redis
@@ -498,12 +498,15 @@ async def test_the_publish_script_applies_a_resent_publication_once(brokers: Sta
     script = a._scripts["publish"]
     keys = [*a._stream_keys("r"), a._key("r", "seq:test")]
 
-    async def publish(data: bytes, seq: int) -> int:
-        return int(await admin.evalsha(script.sha, 3, *keys, a._channel("r"), data, 100, 60_000, 60_000, "e0", seq, 60_000))
+    async def publish(data: bytes, seq: int, again: bool = False) -> int:
+        args = (a._channel("r"), data, 100, 60_000, 60_000, "e0", seq, 60_000, "1" if again else "0")
+        return int(await admin.evalsha(script.sha, 3, *keys, *args))
 
     async with timeout(10):
-        assert [await publish(b"one", 1), await publish(b"two", 2), await publish(b"one", 1), await publish(b"two", 2)] == [1, 2, 0, 0]
-        assert await publish(b"three", 3) == 3
+        assert [await publish(b"one", 1), await publish(b"two", 2)] == [1, 2]
+        assert [await publish(b"one", 1, True), await publish(b"two", 2, True)] == [0, 0]  # ran already
+        assert await publish(b"three", 3, True) == 3  # sent again, but had not run
+
         await got_a.has(3)
         assert await admin.xlen("tether:{r:r}:stream") == 3
     assert got_a.messages() == [(1, b"one"), (2, b"two"), (3, b"three")]
@@ -600,3 +603,249 @@ async def test_subscribed_rooms_keep_their_epoch_while_quiet(brokers: Start, adm
 
         await eventually(renewed_past_ttl, 5, "the meta outlives its TTL while subscribed")
         assert (await a.position("quiet"))[0] == epoch
+
+
+# -- through the hub: two servers on their own RedisBrokers, a client behind a cutting proxy ----
+def lobby_app() -> tether.App:
+    """Every connection joins "lobby"; ``shout`` n broadcasts ``said`` n to it."""
+    app = tether.App()
+
+    @app.on_connect
+    async def hello(conn: tether.Conn) -> None:
+        await conn.join("lobby", {"name": conn.query.get("name", "anon")})
+
+    @app.on("shout")
+    async def shout(conn: tether.Conn, n: int) -> None:
+        await app.broadcast("lobby", "said", n)
+
+    return app
+
+
+class Pair:
+    """Servers A and B ("two processes": one RedisBroker each, one Redis); clients reach A
+    through a proxy that can cut them (tests/chaos_proxy.py)."""
+
+    def __init__(self, redis: RedisServer, servers: list[tether.Server], apps: list[tether.App], proxy: ChaosProxy) -> None:
+        self.redis, self.servers, self.apps, self.proxy = redis, servers, apps, proxy
+
+    def client(self, name: str = "anon") -> tether.Client:
+        return tether.Client(f"ws://127.0.0.1:{self.proxy.port}/app?name={name}", backoff=Backoff(base=0.01, cap=0.05))
+
+    def broker(self, i: int) -> RedisBroker:
+        broker = self.servers[i].hub.broker
+        assert isinstance(broker, RedisBroker)
+        return broker
+
+    async def from_b(self, *ns: int) -> None:
+        """Broadcast ``said`` n from B (no member there: only Redis carries it to A)."""
+        for n in ns:
+            await self.apps[1].broadcast("lobby", "said", n)
+
+    def set_history(self, **bounds: Any) -> None:
+        for server in self.servers:
+            server.hub.set_history("lobby", **bounds)
+
+    async def away(self) -> None:
+        """Cut A's clients and keep them out until :meth:`back`; A has noticed once it left
+        the room (the session stays parked, listed)."""
+        self.proxy.block()
+        self.proxy.cut_all()
+
+        async def left() -> bool:
+            return not self.servers[0].hub.local("lobby")
+
+        await eventually(left, 5, "A notices the cut")
+
+    def back(self) -> None:
+        self.proxy.unblock()
+
+
+@pytest.fixture
+async def pair(redis_server: RedisServer) -> AsyncIterator[Pair]:
+    apps = [lobby_app(), lobby_app()]
+    servers = [await tether.serve({"/app": app}, "127.0.0.1", 0, broker=RedisBroker(redis_server.url, backoff_cap=0.2)) for app in apps]
+    proxy = await ChaosProxy([servers[0].port]).start()
+    yield Pair(redis_server, servers, apps, proxy)
+    await proxy.aclose()
+    for server in servers:
+        await within(server.close(), 15)
+
+
+class Seen:
+    """What a ``tether.Client`` handed its app, in order: ``("said", n)`` and ``("gap", room,
+    first, last, reason)``."""
+
+    def __init__(self, client: tether.Client) -> None:
+        self.log: list[tuple[Any, ...]] = []
+        self.reconnects = 0
+        client.on("said", lambda n: self.log.append(("said", n)))
+        client.add_listener("gap", lambda *args: self.log.append(("gap", *args)))
+        client.add_listener("reconnected", self._reconnected)
+
+    def _reconnected(self) -> None:
+        self.reconnects += 1
+
+    @property
+    def said(self) -> list[int]:
+        return [entry[1] for entry in self.log if entry[0] == "said"]
+
+    @property
+    def gaps(self) -> list[tuple[Any, ...]]:
+        return [entry[1:] for entry in self.log if entry[0] == "gap"]
+
+    async def until(self, condition: Callable[[], bool], what: str, seconds: float = 10) -> None:
+        async def check() -> bool:
+            return condition()
+
+        await eventually(check, seconds, f"{what} (seen {self.log})")
+
+
+async def _open(pair: Pair, client: tether.Client) -> Seen:
+    seen = Seen(client)
+    await client.wait_open()
+    await eventually(lambda: _local(pair, 1), 5, "the client is in the lobby on A")
+    await _published(pair.broker(0), 1)  # its presence join event is in the stream: offset 1
+    return seen
+
+
+async def _local(pair: Pair, n: int) -> bool:
+    return len(pair.servers[0].hub.local("lobby")) == n
+
+
+async def test_resume_replays_what_another_process_broadcast_while_cut_in_order(pair: Pair) -> None:
+    async with timeout(20), pair.client() as client:
+        seen = await _open(pair, client)
+        await pair.from_b(0, 1, 2)
+        await seen.until(lambda: seen.said == [0, 1, 2], "live broadcasts from B")
+        await pair.away()
+        await pair.from_b(*range(3, 10))  # into Redis's history; nobody on A listens
+        pair.back()
+        await seen.until(lambda: len(seen.said) == 10, "the replay")
+        await pair.from_b(10)
+        await seen.until(lambda: len(seen.said) == 11, "live again")
+    assert seen.said == list(range(11)) and seen.gaps == [] and seen.reconnects == 1
+
+
+async def test_resume_after_history_trimmed_is_a_trimmed_gap_then_the_rest(pair: Pair) -> None:
+    pair.set_history(max_count=3)
+    async with timeout(20), pair.client() as client:
+        seen = await _open(pair, client)
+        await pair.from_b(0)
+        await seen.until(lambda: seen.said == [0], "live")
+        await pair.away()
+        await pair.from_b(*range(1, 11))
+        pair.back()
+        await seen.until(lambda: len(seen.said) == 4, "the replay")
+    assert seen.said == [0, 8, 9, 10]
+    ((room, first, last, reason),) = seen.gaps
+    assert room == "lobby" and reason == "trimmed" and last - first == 6  # the offsets of 1..7
+    assert seen.log.index(("gap", room, first, last, reason)) == 1  # before what follows it
+
+
+async def test_resume_after_history_expired_is_an_expired_gap(pair: Pair) -> None:
+    pair.set_history(max_count=100, max_age=0.3)
+    async with timeout(20), pair.client() as client:
+        seen = await _open(pair, client)
+        await pair.away()
+        broker = pair.broker(1)
+        await pair.from_b(1)
+        await _published(broker, 1)
+        epoch, head = await broker.position("lobby")  # 1: this client's presence join, 2: said 1
+
+        async def expired() -> bool:  # time passing is the condition under test
+            _, gap = await broker.history("lobby", head - 1, epoch, 100)
+            return gap is not None and gap.reason == "expired"
+
+        await eventually(expired, 5, "the message expires")
+        pair.back()
+        await seen.until(lambda: bool(seen.gaps), "the gap")
+    # the client had offset 0 (its own join event was not for it): everything after is gone
+    assert seen.said == [] and seen.gaps == [("lobby", 1, head, "expired")]
+
+
+async def test_resume_after_redis_flushed_is_an_epoch_gap_then_the_new_epoch(pair: Pair) -> None:
+    admin = aioredis.Redis.from_url(pair.redis.url)
+    try:
+        async with timeout(20), pair.client() as client:
+            seen = await _open(pair, client)
+            await pair.from_b(1, 2)
+            await seen.until(lambda: seen.said == [1, 2], "live")
+            await pair.away()
+            await admin.flushall()  # the room's history is lost: a new epoch
+            await pair.from_b(3, 4)
+            pair.back()
+            await seen.until(lambda: len(seen.said) == 4, "the new epoch replayed")
+            await pair.from_b(5)
+            await seen.until(lambda: seen.said[-1:] == [5], "live in the new epoch")
+    finally:
+        await admin.aclose()
+    assert seen.log == [("said", 1), ("said", 2), ("gap", "lobby", 0, 0, "epoch"), ("said", 3), ("said", 4), ("said", 5)]
+
+
+async def test_resume_of_a_room_without_history_is_a_gap_for_any_miss(pair: Pair) -> None:
+    pair.set_history(max_count=0)
+    async with timeout(20), pair.client() as client:
+        seen = await _open(pair, client)
+        await pair.from_b(1)
+        await seen.until(lambda: seen.said == [1], "live")
+        _, head = await pair.broker(1).position("lobby")
+        await pair.away()
+        await pair.from_b(2, 3)
+        pair.back()
+        await seen.until(lambda: bool(seen.gaps), "the gap")
+        await pair.from_b(4)
+        await seen.until(lambda: seen.said[-1:] == [4], "live again")
+    assert seen.log == [("said", 1), ("gap", "lobby", head + 1, head + 2, "trimmed"), ("said", 4)]
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["history", "no-history"])
+async def test_a_message_lost_between_processes_is_repaired_or_a_live_gap_event(pair: Pair, monkeypatch: pytest.MonkeyPatch, kept: bool) -> None:
+    if not kept:
+        pair.set_history(max_count=0)
+    async with timeout(20), pair.client() as client:
+        seen = await _open(pair, client)
+        _, head = await pair.broker(0).position("lobby")
+        _lose(monkeypatch, pair.broker(0), {head + 2})  # A's pub/sub loses B's second message
+        await pair.from_b(1, 2, 3)
+        await seen.until(lambda: seen.said[-1:] == [3], "the third")
+    if kept:
+        assert seen.log == [("said", 1), ("said", 2), ("said", 3)] and pair.broker(0).repaired >= 1
+    else:  # in its place, in order with the room's messages
+        assert seen.log == [("said", 1), ("gap", "lobby", head + 2, head + 2, "trimmed"), ("said", 3)]
+
+
+async def test_redis_restarted_under_a_connected_client_is_an_epoch_gap_and_nothing_lost(pair: Pair) -> None:
+    async with timeout(30), pair.client() as client:
+        seen = await _open(pair, client)
+        await pair.from_b(0, 1)
+        await seen.until(lambda: seen.said == [0, 1], "live")
+        pair.redis.stop()
+        await _state_is(pair.broker(1), LinkState.DOWN)
+        await pair.from_b(2, 3)  # waits in B's outbox: it has no offset yet
+        pair.redis.start()  # empty
+        await pair.from_b(4)
+        await seen.until(lambda: seen.said[-1:] == [4], "everything after the restart")
+    assert seen.log == [("said", 0), ("said", 1), ("gap", "lobby", 0, 0, "epoch"), ("said", 2), ("said", 3), ("said", 4)]
+
+
+# -- two server processes ------------------------------------------------------------------------
+async def test_two_processes_broadcasting_at_once_give_every_member_one_gap_free_sequence(redis_server: RedisServer, app_processes: Any) -> None:
+    a, b = app_processes(redis_server.url), app_processes(redis_server.url)
+    n = 60
+    async with timeout(60):
+        members = await open_peers(a.url, 2, "a", room="all", quiet="1") + await open_peers(b.url, 2, "b", room="all", quiet="1")
+        sender_a, sender_b = await Peer.open(a.url, name="sa"), await Peer.open(b.url, name="sb")
+
+        async def say(peer: Peer, tag: str) -> None:
+            for i in range(n):
+                await peer.request("say", {"room": "all", "text": f"{tag}{i}"})
+
+        await asyncio.gather(say(sender_a, "a"), say(sender_b, "b"))
+        got = []
+        for member in members:
+            got.append([(m["off"], m["data"]["text"]) for m in [await member.event("said") for _ in range(2 * n)]])
+    first = got[0][0][0]
+    assert [off for off, _ in got[0]] == list(range(first, first + 2 * n))  # gap-free
+    assert all(sequence == got[0] for sequence in got)  # the same order everywhere
+    for tag in "ab":
+        assert [t for _, t in got[0] if t.startswith(tag)] == [f"{tag}{i}" for i in range(n)]

@@ -107,55 +107,62 @@ return removed
 # One publication to a room's stream, atomically: offset, history, pub/sub.
 # KEYS: 1 the room's meta hash, 2 its stream, 3 this broker instance's last publication seq.
 # ARGV: 1 the room's channel, 2 the data, 3 max_count, 4 max_age (ms), 5 the meta's TTL (ms),
-# 6 a fresh epoch (used only if the room has none), 7 the publication's seq (0: none),
-# 8 the seq key's TTL (ms).
-# Returns the offset given, or 0 for a publication applied already (resent after a pipeline
-# failed with its reply in flight).
+# 6 a fresh epoch (used only if the room has none), 7 the publication's seq, 8 the seq key's
+# TTL (ms), 9 '1' if the publication is sent again (its pipeline failed: it may have run).
+# Returns the offset given, or 0 for a publication that ran already.
+# Entries older than max_age are trimmed from the front at most every max_age / 8 (the meta's
+# 'cut'); reads filter by age anyway, so this bounds memory, not what a reader sees.
 _PUBLISH = r"""
-local seq = tonumber(ARGV[7])
-if seq > 0 then
+if ARGV[9] == '1' then
   local seen = redis.call('GET', KEYS[3])
-  if seen and tonumber(seen) >= seq then
+  if seen and tonumber(seen) >= tonumber(ARGV[7]) then
     return 0
   end
-  redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[8])
 end
+redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[8])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-local before = tonumber(redis.call('HGET', KEYS[1], 'at') or '0')
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'at', 'cut')
+local epoch, before, cut = meta[1], tonumber(meta[2] or '0'), tonumber(meta[3] or '0')
+local fields = {'at', now}
 if not epoch then
   epoch = ARGV[6]
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  fields[#fields + 1] = 'epoch'
+  fields[#fields + 1] = epoch
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'top', 1)
-redis.call('HSET', KEYS[1], 'at', now)
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
 local max_count, max_age = tonumber(ARGV[3]), tonumber(ARGV[4])
 if max_count > 0 and max_age > 0 then
   if offset > 1 and now - before > max_age and redis.call('EXISTS', KEYS[2]) == 0 then
-    redis.call('HSET', KEYS[1], 'aged', offset - 1)  -- the stream expired: the room was idle
+    fields[#fields + 1] = 'aged'  -- the stream expired as a whole: the room was idle
+    fields[#fields + 1] = offset - 1
   end
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', max_count, string.format('%d-%d', offset, now), 'd', ARGV[2])
-  local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
-  if first and now - tonumber(string.match(first[1], '-(%d+)$')) > max_age then
-    local aged, cut = 0, nil
+  if now - cut >= max_age / 8 then
+    fields[#fields + 1] = 'cut'
+    fields[#fields + 1] = now
+    local aged, keep = nil, nil
     for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 256)) do
       local o, t = string.match(entry[1], '^(%d+)-(%d+)$')
       if now - tonumber(t) <= max_age then
-        cut = o
+        keep = o
         break
       end
       aged = tonumber(o)
     end
-    redis.call('XTRIM', KEYS[2], 'MINID', cut or string.format('%d', aged + 1))
-    redis.call('HSET', KEYS[1], 'aged', aged)
+    if aged then
+      redis.call('XTRIM', KEYS[2], 'MINID', keep or string.format('%d', aged + 1))
+      fields[#fields + 1] = 'aged'
+      fields[#fields + 1] = aged
+    end
   end
   redis.call('PEXPIRE', KEYS[2], max_age)
 else
   redis.call('DEL', KEYS[2])
 end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PUBLISH', ARGV[1], '\255' .. string.format('%d', offset) .. ':' .. epoch .. ':' .. ARGV[2])
 return offset
 """
@@ -244,7 +251,7 @@ return reply
 
 #: The first byte of a stream publication (raw ones start with the ASCII node id).
 _STREAM: Final = 0xFF
-_SEQ_TTL_MS: Final = 600_000  # how long a resent publication is recognised as applied
+_SEQ_TTL_MS: Final = b"600000"  # ms a publication sent again is recognised as applied
 _SYNC_ROUNDS: Final = 8  # history reads one repair makes before it gives up on a hole
 _SYNC_FAILURES: Final = 5  # failed reads (with the link up) before it gives up
 _RESYNC_CHUNK: Final = 500  # rooms per pipelined position read after a reconnect
@@ -480,8 +487,10 @@ class RedisBroker(Broker):
         self._drop_gone: Any = None
         self._scripts: dict[str, Any] = {}
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
-        # (room, data, seq): seq > 0 for a stream publication, 0 for a raw one.
+        # (room, data, seq): seq > 0 for a stream publication, < 0 for one sent again (-seq:
+        # its pipeline failed, it may have run), 0 for a raw one.
         self._outbox: deque[tuple[str, bytes, int]] = deque()
+        self._args: dict[str, tuple[Any, ...]] = {}  # room -> what its publish script is called with
         self._wake = asyncio.Event()
         # Presence writes go one at a time: a rewrite of a snapshot taken before a join
         # would otherwise erase that join in Redis.
@@ -819,27 +828,40 @@ class RedisBroker(Broker):
 
     async def _send(self, batch: list[tuple[str, bytes, int]]) -> list[Any]:
         """One pipeline: a :data:`_PUBLISH` script per stream publication, a PUBLISH per raw one."""
-        epoch = secrets.token_hex(4)  # a room without one gets this (one per batch is enough)
-        meta_ttl = int(self.meta_ttl * 1000)
+        epoch = secrets.token_hex(4).encode()  # a room without one gets this (one per batch is enough)
         sha = self._scripts["publish"].sha
         async with self._client.pipeline(transaction=False) as pipe:
             for room, data, seq in batch:
                 if seq:
-                    bounds = self._bounds.get(room, self.history_bounds)
-                    pipe.evalsha(
-                        sha, 3, *self._stream_keys(room), self._key(room, f"seq:{self._instance}"),
-                        self._channel(room), data, bounds.max_count, int(bounds.max_age * 1000), meta_ttl, epoch, seq, _SEQ_TTL_MS,
-                    )  # fmt: skip
+                    args = self._args.get(room) or self._publish_args(room)
+                    pipe.evalsha(sha, 3, *args[:4], data, *args[4:], epoch, b"%d" % abs(seq), _SEQ_TTL_MS, b"1" if seq < 0 else b"0")
                 else:
                     pipe.publish(self._channel(room), data)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
+    def _publish_args(self, room: str) -> tuple[Any, ...]:
+        """``(meta, stream, seq key, channel, max_count, max_age ms, meta ttl ms)`` of ``room``,
+        encoded once (redis-py passes bytes through as they are)."""
+        if len(self._args) >= 10_000:
+            self._args.clear()  # many short-lived rooms: start over rather than grow
+        bounds = self._bounds.get(room, self.history_bounds)
+        args = (
+            *(key.encode() for key in self._stream_keys(room)),
+            self._key(room, f"seq:{self._instance}").encode(),
+            self._channel(room),
+            b"%d" % bounds.max_count,
+            b"%d" % int(bounds.max_age * 1000),
+            b"%d" % int(self.meta_ttl * 1000),
+        )
+        self._args[room] = args
+        return args
+
     def _unconfirmed(self, batch: list[tuple[str, bytes, int]]) -> None:
         """A pipeline failed with ``batch`` in it, applied or not: raw publications are lost
         (counted), stream ones go back to the front of the outbox (the script applies each
         once)."""
-        again = [entry for entry in batch if entry[2]]
+        again = [(room, data, -abs(seq)) for room, data, seq in batch if seq]
         self.dropped += len(batch) - len(again)
         self.resent += len(again)
         self._outbox.extendleft(reversed(again))
@@ -1095,6 +1117,7 @@ class RedisBroker(Broker):
 
     def configure(self, room: str, history: History) -> None:
         self._bounds[room] = history
+        self._args.pop(room, None)
 
     async def put_member(self, room: str, member: str, meta: bytes) -> None:
         return await self._put_member(room, member, meta)
