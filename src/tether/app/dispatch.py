@@ -147,6 +147,11 @@ class Dispatcher:
             if self._job is None:
                 self._wake(_DISPATCH)
             return False
+        session = self._session
+        if session is not None:
+            # After the handler, not before: a reply (the common case) carried the ack already,
+            # and arming then cancelling a timer per request would cost more than the rest.
+            session.ack_later()
         return None
 
     def rate_limited(self, message: Message) -> None:
@@ -179,7 +184,6 @@ class Dispatcher:
         if session is not None:
             if not session.accept(envelope.seq, envelope.ack):
                 return  # sent again after a resume: handled already (its reply is kept)
-            session.ack_later()
         route = table.by_class.get(envelope.__class__)
         if route is None:
             if envelope.__class__ is Heartbeat:
