@@ -68,7 +68,7 @@ async def run_chaos(apps: list[tether.App], ports: list[int], ledger: Ledger) ->
                 for n in range(BROADCASTS):
                     await apps[n % len(apps)].broadcast("feed", "tick", n)
                     if n % 50 == 49:
-                        await asyncio.sleep(0.002)  # a steady feed, not one burst
+                        await asyncio.sleep(0.02)  # a steady feed over seconds, not one burst
 
             async def sender() -> list[int]:
                 replies: list[asyncio.Future[int]] = []
@@ -77,7 +77,7 @@ async def run_chaos(apps: list[tether.App], ports: list[int], ledger: Ledger) ->
                     if n % 10 == 0:
                         replies.append(asyncio.ensure_future(client.request("work", n // 10)))
                     if n % 20 == 19:
-                        await asyncio.sleep(0.002)
+                        await asyncio.sleep(0.01)  # paced, so the run spans many cuts
                 return list(await asyncio.gather(*replies))
 
             feed = asyncio.ensure_future(broadcaster())
