@@ -21,6 +21,9 @@
 //	selftest  starts serve on -server-cpu and runs echo on -gen-cpu for every
 //	          -configs setting: prints the generator's and the server's CPU
 //	          per round trip
+//	soak      N connections held for minutes from many source addresses, pings
+//	          answered, a request every ~30 s each, broadcasts to -members;
+//	          phases driven on stdin by bench/soak.py (soak.go)
 //
 // Output: "EVENT measure_start" / "EVENT measure_end" / "EVENT holding" lines
 // as things happen, then one "RESULT {json}" line. With -server-pid, the
@@ -49,7 +52,7 @@ import (
 )
 
 var (
-	flagMode       = flag.String("mode", "echo", "echo | idle | bcast | serve | selftest")
+	flagMode       = flag.String("mode", "echo", "echo | idle | bcast | serve | selftest | soak")
 	flagProto      = flag.String("proto", "ws", "ws | sio | tcp")
 	flagAddr       = flag.String("addr", "127.0.0.1:9100", "server host:port (127.0.0.1 only; serve: where to listen, port 0 = any)")
 	flagPath       = flag.String("path", "/", "WebSocket path")
@@ -289,6 +292,8 @@ func main() {
 		os.Exit(runServe())
 	case "selftest":
 		os.Exit(runSelftest())
+	case "soak":
+		res = runSoak()
 	default:
 		fmt.Fprintln(os.Stderr, "loadgen: unknown -mode")
 		os.Exit(2)
