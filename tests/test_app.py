@@ -415,3 +415,9 @@ async def test_server_handler_runs_in_a_task_so_asyncio_timeout_works(start: Sta
     assert [(r["id"], r["data"]) for r in replies] == [(1, "quick"), (2, "timed out"), (3, "slept"), (4, "quick")]
     assert all(t is not None for t in tasks)
     assert len(set(map(id, tasks))) == 1  # one task: the connection's, before and after suspending
+
+
+def test_app_refuses_to_declare_a_reserved_type_it_would_send() -> None:
+    app = tether.App()
+    with pytest.raises(ValueError):
+        app.emits("joined", dict)

@@ -452,5 +452,8 @@ async def test_browser_tether_js_token_option_sends_subprotocol_and_refreshes_af
     events = await page.evaluate("events")
     assert [e["name"] for e in events] == ["open", "close", "open", "reconnected"]
     assert events[1]["detail"] == {"code": 4002, "reason": "token expired", "willReconnect": True}
-    assert seen == ["tether, token.t1", "tether, token.t2"]
+    # The token as a subprotocol, beside "tether" and the session entry: a new session for
+    # user-1, then an offer to resume it (a new one again: user-2 is another identity).
+    assert [entry.split(", ")[:2] for entry in seen] == [["tether", "token.t1"], ["tether", "token.t2"]]
+    assert seen[0].split(", ")[2] == "session" and seen[1].split(", ")[2].startswith("session.")
     await page.close()

@@ -36,14 +36,14 @@ class Joined(msgspec.Struct):
 
 
 app.emits("said", Said)
-app.emits("joined", Joined)
+app.emits("arrived", Joined)
 
 
 @app.on_connect
-async def joined(conn: tether.Conn) -> None:
+async def arrived(conn: tether.Conn) -> None:
     conn.assigns["name"] = f"guest{next(_guest)}"
     members.add(conn)
-    await _everyone("joined", Joined(conn.assigns["name"]))
+    await _everyone("arrived", Joined(conn.assigns["name"]))
 
 
 @app.on_disconnect

@@ -108,7 +108,12 @@ class App:
         return register
 
     def emits(self, type: str, data_type: Any) -> None:
-        """Declare a message type the server sends (``conn.emit(type, ...)``) for the schema."""
+        """Declare a message type the server sends (``conn.emit(type, ...)``) for the schema.
+
+        Raises ``ValueError`` for the framework's own types (clients handle those themselves).
+        """
+        if type in RESERVED_TYPES:
+            raise ValueError(f"message type {type!r} is reserved by tether")
         self.emitted[type] = data_type
 
     def on_connect(self, fn: Callable[[Conn], Any]) -> Callable[[Conn], Any]:

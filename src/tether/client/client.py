@@ -200,8 +200,10 @@ class Client:
         await self.send(type, data)
 
     async def _room(self) -> None:
-        """Wait while the outbox is full (a reconnect empties it)."""
-        while len(self._session.outbox) >= self._session.outbox_size and self.state != "closed":
+        """Wait while disconnected with a full outbox (a reconnect empties it). A zero-size
+        outbox never has room: there the message goes on to be dropped, as ``send`` does."""
+        session = self._session
+        while self.state in ("connecting", "reconnecting") and 0 < session.outbox_size <= len(session.outbox):
             await self._changed()
 
     # ASYNC109: the per-call timeout (default request_timeout) is the API, as in tether.js's request().
@@ -353,6 +355,8 @@ class Client:
     def _welcome(self, conn: Conn, data: Any) -> None:
         """The server's welcome: resume the streams (or learn they are gone), then open."""
         session = self._session
+        if conn.state is not ConnState.OPEN:
+            return  # closing already: the next connection gets its own welcome
         welcome = session.welcomed(data.get("session") if isinstance(data, dict) else None)
         try:
             if welcome.resumed:
@@ -415,7 +419,8 @@ class Client:
         elif kind == "welcome":
             self._welcome(conn, incoming.data)
         elif kind == "joined" and incoming.room is not None and isinstance(incoming.data, dict):
-            session.joined(incoming.room, incoming.data.get("epoch"), int(incoming.data.get("offset") or 0))
+            offset = incoming.data.get("offset")
+            session.joined(incoming.room, incoming.data.get("epoch"), offset if isinstance(offset, int) else 0)
         elif kind == "left" and incoming.room is not None:
             session.left(incoming.room)
         elif kind == "gap" and isinstance(incoming.data, dict):
