@@ -410,3 +410,14 @@ async def test_resume_on_another_hub_of_the_same_bus(tmp_path: Any) -> None:
     assert proxy.picks == ports
     assert counters[1].executed == {3: 1} and counters[0].executed == {5: 1}
     assert seen.resumed == [(True, 0)] and len(members) == 1
+
+
+async def test_hub_recent_gives_a_late_joiner_the_rooms_last_broadcasts() -> None:
+    hub = tether.Hub()
+    for n in range(5):
+        await hub.broadcast("chat", "said", {"n": n})
+    recent = await hub.recent("chat", limit=3)
+    assert [(type, data) for _, type, data in recent] == [("said", {"n": 2}), ("said", {"n": 3}), ("said", {"n": 4})]
+    assert [offset for offset, _, _ in recent] == [3, 4, 5]
+    assert await hub.recent("empty") == []
+    await hub.close()

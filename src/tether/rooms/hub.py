@@ -41,7 +41,7 @@ import msgspec
 
 from ..conn import Conn, ConnState
 from ..metrics import Metrics
-from ..proto.envelope import encode, encode_message, with_offset
+from ..proto.envelope import decode, encode, encode_message, with_offset
 from ..proto.frames import OP_BINARY, OP_TEXT, encode_frame
 from ..proto.resume import Gap, merge
 from ..sessions import Membership, Session
@@ -225,6 +225,20 @@ class Hub:
         """``(epoch, offset of the last message)`` of ``room``'s stream."""
         await self.start()
         return await self.broker.position(room)
+
+    async def recent(self, room: str, limit: int = 50) -> list[tuple[int, str, Any]]:
+        """The last ``limit`` broadcasts of ``room`` still in its history, oldest first, as
+        ``(offset, type, data)``: what a late joiner may want to see (a chat's scrollback)."""
+        epoch, head = await self.position(room)
+        kept, _ = await self.broker.history(room, max(0, head - limit), epoch, limit)
+        found = []
+        for offset, data in kept:
+            try:
+                message = decode(unpack(data)[3])
+            except (ValueError, msgspec.DecodeError):
+                continue
+            found.append((offset, message.type, message.data))
+        return found
 
     async def _announce_join(self, conn: Conn, room: str, member: str, meta: bytes) -> None:
         await self.broker.put_member(room, member, meta)
