@@ -348,6 +348,37 @@ async def test_history_older_than_max_age_is_an_expired_gap_as_in_memory(brokers
         await memory.close()
 
 
+async def test_an_old_message_in_a_live_stream_is_expired_while_a_newer_one_is_kept(brokers: Start) -> None:
+    """The stream key lives on (a newer message renewed it); its oldest entry has passed
+    max_age but was not trimmed yet: reading must not return it."""
+    redis_broker, _ = await brokers(NODE_A)
+    memory = MemoryBroker(MemoryBus())
+    await memory.start(NODE_B, Stream())
+    age = 2.0
+    both = (redis_broker, memory)
+    try:
+        async with timeout(20):
+            for broker in both:
+                broker.configure("mixed", History(100, age))
+                await broker.publish_stream("mixed", b"old")
+            await _published(redis_broker, 1)
+            await asyncio.sleep(age / 2)  # the age gap between the two messages is the point
+            for broker in both:
+                await broker.publish_stream("mixed", b"new")
+            await _published(redis_broker, 2)
+            epochs = {b: (await b.position("mixed"))[0] for b in both}
+
+            async def old_expired() -> bool:
+                return bool((await redis_broker.history("mixed", 0, epochs[redis_broker], 100))[1])
+
+            await eventually(old_expired, age + 5, "the old message expires")
+            answers = [await b.history("mixed", 0, epochs[b], 100) for b in both]
+    finally:
+        await memory.close()
+    for broker, answer in zip(both, answers, strict=True):
+        assert answer == ([(2, b"new")], Gap(1, 1, "expired", epochs[broker]))
+
+
 async def test_flushall_is_a_new_epoch_for_resumes_and_for_live_subscribers(brokers: Start, admin: Any) -> None:
     a, got_a = await brokers(NODE_A)
     b, got_b = await brokers(NODE_B)
@@ -466,6 +497,41 @@ async def test_stream_messages_wait_in_the_outbox_while_redis_is_down_then_reach
         ("r", 3, b"queued4"),
     ]
     assert a.dropped == 2
+
+
+async def test_history_while_redis_is_away_is_a_lost_gap_or_delivered_once_it_is_back(
+    redis_server: RedisServer, brokers: Start, admin: Any
+) -> None:
+    """A resume needs history. B cannot reach Redis (its ACL user is disabled; Redis keeps its
+    data) and answers from what it delivered: a room it delivered past the client's offset is
+    a ``lost`` gap; a room it has not positioned yet starts at the client's offset, and what
+    follows is delivered once Redis is reachable again."""
+    await admin.acl_setuser("b", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all"])
+    a, _ = await brokers(NODE_A)
+    b, got_b = await brokers(NODE_B, url=f"redis://b:pw@127.0.0.1:{redis_server.port}/0")
+    async with timeout(30):
+        await b.subscribe("r")
+        for i in range(4):
+            await a.publish_stream("r", b"m%d" % (i + 1))
+        for i in range(3):
+            await a.publish_stream("third", b"t%d" % (i + 1))
+        await got_b.has(4)
+        await _published(a, 7)
+        epoch, third = (await b.position("r"))[0], (await b.position("third"))[0]
+        await admin.acl_setuser("b", enabled=False)
+        await admin.client_kill_filter(user="b")
+        await _state_is(b, LinkState.DOWN)
+        assert await b.history("r", 1, epoch, 100) == ([], Gap(2, 4, "lost", epoch))
+        assert await b.history("r", 4, epoch, 100) == ([], None)
+        assert await b.position("r") == (epoch, 4)  # what it delivered last
+        await b.subscribe("third")  # not positioned: Redis is out of reach
+        assert await b.position("third") == (None, 0)
+        assert await b.history("third", 1, third, 100) == ([], None)  # starts at the client's offset
+        await a.publish_stream("third", b"t4")
+        await _published(a, 8)
+        await admin.acl_setuser("b", enabled=True)
+        await got_b.has(3, "third")
+    assert got_b.messages("third") == [(2, b"t2"), (3, b"t3"), (4, b"t4")] and got_b.gaps("third") == []
 
 
 async def test_a_stream_batch_in_a_failed_pipeline_is_sent_again_a_raw_one_is_dropped(
@@ -603,6 +669,23 @@ async def test_subscribed_rooms_keep_their_epoch_while_quiet(brokers: Start, adm
 
         await eventually(renewed_past_ttl, 5, "the meta outlives its TTL while subscribed")
         assert (await a.position("quiet"))[0] == epoch
+
+
+async def test_hub_recent_reads_the_rooms_last_broadcasts_from_redis(redis_server: RedisServer) -> None:
+    publisher = tether.Hub(RedisBroker(redis_server.url))
+    reader = tether.Hub(RedisBroker(redis_server.url))  # another process: nothing of it local
+    try:
+        async with timeout(10):
+            for n in range(5):
+                await publisher.broadcast("chat", "said", {"n": n})
+            assert isinstance(publisher.broker, RedisBroker)
+            await _published(publisher.broker, 5)
+            recent = await reader.recent("chat", limit=3)
+            assert await reader.recent("empty") == []
+    finally:
+        await publisher.close()
+        await reader.close()
+    assert recent == [(3, "said", {"n": 2}), (4, "said", {"n": 3}), (5, "said", {"n": 4})]
 
 
 # -- through the hub: two servers on their own RedisBrokers, a client behind a cutting proxy ----

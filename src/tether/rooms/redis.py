@@ -11,14 +11,15 @@ The only module that imports redis (``pip install 'tether[redis]'``).
 * **Keys**: every key of a room carries the Redis Cluster hash tag ``{r:<room>}``, so a
   room's keys live on one shard: ``<prefix>:{r:<room>}:meta`` (hash: ``epoch``, ``top`` = the
   last offset, ``at`` = the time of the last publication, ``aged`` = the last offset dropped
-  for its age), ``...:stream`` (the history: a Redis stream, entry id ``<offset>-<ms>``, field
+  for its age, ``cut`` = the time of the last age trim), ``...:stream`` (the history: a Redis stream, entry id ``<offset>-<ms>``, field
   ``d``), ``...:seq:<instance>`` (the last publication of one broker instance, to apply a
   resent one once), ``...:presence:<node>`` and ``...:nodes`` (presence, below).
 * **Streams**: ``publish_stream`` queues the message; one task pipelines the queue, one Lua
   script (:data:`_PUBLISH`) per message, which atomically gives it the room's next offset
   (``HINCRBY`` on the meta hash, whose ``epoch`` it creates if the hash is gone: a new epoch,
   the old stream deleted), appends it to the stream (``XADD MAXLEN ~ max_count``, entries
-  older than ``max_age`` trimmed from the front, the stream's TTL ``max_age``) and publishes
+  older than ``max_age`` trimmed from the front at most every ``max_age / 8``, the stream's
+  TTL ``max_age``) and publishes
   ``b"\\xff<offset>:<epoch>:" + data`` on the room's channel. Every subscribed process,
   the publisher too, delivers it from that channel, with its offset, in offset order.
   ``position`` and ``history`` are one script each (:data:`_POSITION`, :data:`_HISTORY`), so
@@ -31,7 +32,8 @@ The only module that imports redis (``pip install 'tether[redis]'``).
   resubscribing), starts a repair that reads the missing range from the stream and delivers
   it in order, holding live arrivals meanwhile; what history no longer has goes to the hub's
   ``on_gap`` handler as a :class:`tether.proto.resume.Gap` (the hub tells the room's
-  members with a session).
+  members with a session). Rooms subscribed while Redis was away are positioned before the
+  outbox goes out, so what this process queued reaches its own members too.
 * **Fan-out of raw messages** (``hub.send``, no offset): one Redis pub/sub channel per room
   (``<prefix>:room:<room>``), subscribed while this process has a member in the room,
   published once; the publishing process drops its own copy (it delivered locally already).
