@@ -49,7 +49,8 @@ class Release(Protocol):
 class LostGap(Protocol):
     """``lost(room, gap)``: messages ``gap.first..gap.last`` of ``room``'s stream will never
     be delivered by this broker (lost on the way between processes, and history could not
-    repair them; ``reason`` ``epoch`` with ``last`` 0: the stream restarted in ``gap.epoch``)."""
+    repair them; reason ``epoch``: the stream restarted in ``gap.epoch``, ``first`` is 0 and
+    the new epoch's messages after ``last`` follow, as in a resume)."""
 
     def __call__(self, room: str, gap: Gap, /) -> None: ...
 
