@@ -13,6 +13,7 @@ export function fakeWebSocketClass() {
   return class FakeSocket {
     static instances = [];
     readyState = 0;
+    bufferedAmount = 0; // bytes "not yet on the network": a test sets it to make emit() wait
     sent = [];
     closedWith = null;
     onopen = null; onmessage = null; onerror = null; onclose = null;

@@ -18,6 +18,10 @@ client.addEventListener("gap", (event) => {
   if (detail.reason === "session" && detail.room !== null) return client.request("join", { room: detail.room });
   return null;
 });
+const emitted: Promise<void> = client.emit("said", { text: "hi" }); // waits for room, never drops
+connect("/ws", { maxBufferedAmount: 1 << 20 });
+// @ts-expect-error: maxBufferedAmount is a number of bytes
+connect("/ws", { maxBufferedAmount: "1M" });
 const memory: StorageLike = { getItem: () => null, setItem: () => {}, removeItem: () => {} };
 connect("/ws", { persist: memory, resume: false });
 // @ts-expect-error: only sessionStorage by name (localStorage would share one session between tabs)
@@ -33,4 +37,4 @@ const saved: SessionSnapshot | null = session.snapshot({ maxMessages: 10 });
 if (saved !== null) session.restore(saved);
 const fresh: boolean = new RoomCursor("e1", 1).receive(2) && session.roomMessage("lobby", null);
 const taken: 4009 = SESSION_TAKEN;
-void [resend, payload, fresh, taken, session.positions(), session.offer(), session.ackDue(), welcome.lostMessages];
+void [emitted, resend, payload, fresh, taken, session.positions(), session.offer(), session.ackDue(), welcome.lostMessages];

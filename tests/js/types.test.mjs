@@ -11,7 +11,7 @@ import { fileURLToPath } from "node:url";
 const here = (path) => fileURLToPath(new URL(path, import.meta.url));
 const TSC = here("../ts/node_modules/.bin/tsc");
 
-test("tether.d.ts types the session API: options, resumed and gap events, (data, room) handlers, Session", () => {
+test("tether.d.ts types the session API: options, emit, resumed and gap events, (data, room) handlers, Session", () => {
   const dir = mkdtempSync(join(tmpdir(), "tether-dts-"));
   try {
     copyFileSync(here("../../src/tether/static/tether.d.ts"), join(dir, "tether.d.ts"));

@@ -52,6 +52,8 @@ export interface StorageLike {
 /** The subset of the WebSocket class the client uses (injectable for tests). */
 export interface WebSocketLike {
   readonly readyState: number;
+  /** Bytes given to send() and not yet on the network (what emit() waits on); taken as 0 if absent. */
+  readonly bufferedAmount?: number;
   onopen: ((event: unknown) => void) | null;
   onmessage: ((event: { data: unknown }) => void) | null;
   onerror: ((event: unknown) => void) | null;
@@ -83,6 +85,12 @@ export interface ConnectOptions {
   outboxSize?: number;
   /** Default request timeout in ms; null = none. Default 10000. */
   requestTimeout?: number | null;
+  /**
+   * Bytes; `emit()` resolves only once the socket's `bufferedAmount` is at most this (looked
+   * at every 5 ms: browsers fire no event when it drains). Default 65536 (64 KiB, the
+   * write-buffer limit `tether.Client.emit` waits on).
+   */
+  maxBufferedAmount?: number;
   /** Reconnect schedule (full jitter, same as tether.backoff). */
   backoff?: BackoffOptions;
   /**
@@ -217,8 +225,17 @@ export class TetherClient<S extends Schema = AnySchema> extends EventTarget {
   /** Send a one-way message (queued in the outbox while not open). Throws "ClientClosed" when closed. */
   send<K extends keyof S["send"] & string>(type: K, data: S["send"][K]): void;
   /**
+   * Send a one-way message, waiting for room instead of dropping anything (as
+   * `tether.Client.emit`): while not connected, until the outbox has a free place; once
+   * written, until the socket's `bufferedAmount` is at most `maxBufferedAmount`. `await` it in
+   * a producer that must lose nothing. With `outboxSize` 0 a message emitted while
+   * disconnected is dropped, as by send(). Rejects with an Error named "ClientClosed" when closed.
+   */
+  emit<K extends keyof S["send"] & string>(type: K, data: S["send"][K]): Promise<void>;
+  /**
    * Resolve with the reply's data. Rejects with a ReplyError, or an Error named "TimeoutError",
-   * "ConnectionLost", "OutboxOverflow" or "ClientClosed".
+   * "ConnectionLost", "OutboxOverflow" or "ClientClosed". While not connected with a full
+   * outbox it waits for room (its timeout runs meanwhile) rather than push the oldest out.
    */
   request<K extends keyof S["request"] & string>(
     type: K,

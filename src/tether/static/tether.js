@@ -466,6 +466,8 @@ function welcome(resumed, resend, lost, lostMessages, roomsLost) {
 // ---- Client --------------------------------------------------------------------
 
 const OPEN = 1; // WebSocket.OPEN
+/** emit(): how often a socket's `bufferedAmount` is looked at while waiting for it to drain (no event says so). */
+const DRAIN_POLL_MS = 5;
 const MAX_PROBES = 16; // outstanding latency probes remembered per connection
 /** `persist`: at most this many characters of unacked messages are kept for a reload. */
 const PERSIST_MAX_CHARS = 1 << 20;
@@ -527,8 +529,9 @@ function storageOf(persist) {
  * "outboxoverflow" when the outbox drops its oldest message.
  */
 export class TetherClient extends EventTarget {
-  #url; #params; #token; #WebSocket; #requestTimeout; #session; #ackDelay; #storage; #storageKey;
+  #url; #params; #token; #WebSocket; #requestTimeout; #session; #ackDelay; #storage; #storageKey; #maxBufferedAmount;
   #ws = null;
+  #waiters = []; // resolve functions of #changed() promises: the state or the outbox changed
   #early = null; // messages that came before the current socket's welcome (handled after it), or null
   #handlers = new Map(); // type -> Set of handlers
   #requests = new Map(); // request id -> { resolve, reject, timer }; the Session says which are pending
@@ -550,8 +553,9 @@ export class TetherClient extends EventTarget {
     super();
     const {
       params = {}, token = null, outboxSize = 100, requestTimeout = 10000, backoff = {}, maxRetryAfter = 60,
-      resume = true, ackDelay = 1000, persist = null, persistKey = null,
+      resume = true, ackDelay = 1000, persist = null, persistKey = null, maxBufferedAmount = 1 << 16,
     } = options;
+    if (!(Number.isFinite(maxBufferedAmount) && maxBufferedAmount >= 0)) throw new RangeError("maxBufferedAmount must be a number >= 0");
     // seconds, like Python
     this.#session = new Session({ outboxSize, backoff: new Backoff(backoff), maxRetryAfter, resume: Boolean(resume) });
     this.#url = new URL(url, globalThis.location?.href); // throws now on a bad URL, not on every retry
@@ -560,6 +564,7 @@ export class TetherClient extends EventTarget {
     this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this.#requestTimeout = requestTimeout;
     this.#ackDelay = ackDelay;
+    this.#maxBufferedAmount = maxBufferedAmount;
     this.#storage = resume ? storageOf(persist) : null;
     this.#storageKey = persistKey ?? `tether.session ${this.#url.protocol}//${this.#url.host}${this.#url.pathname}`;
     if (this.#storage !== null) {
@@ -599,11 +604,46 @@ export class TetherClient extends EventTarget {
   }
 
   /**
+   * Send a one-way message, waiting for room instead of dropping anything (as
+   * `tether.Client.emit`): while not connected, until the outbox has a free place (a
+   * reconnect empties it); once written, until the socket's `bufferedAmount` is at most
+   * `maxBufferedAmount` again (the server, or the network, keeps up). Use it rather than
+   * send() where nothing may be lost, e.g. a producer that could outrun the connection. With
+   * `outboxSize` 0 there is never room while disconnected: the message is dropped, as by send().
+   * Resolves once written (or queued with room to spare). With a session, a message written
+   * to a socket that then drops is kept until acked and resent after the resume.
+   * @returns {Promise<void>} rejects with an Error named "ClientClosed" once the client is closed.
+   */
+  emit(type, data) {
+    try {
+      // With room it goes now (written before emit returns, in order with send()); else later.
+      if (this.#full() && this.state !== "closed") return this.#room().then(() => this.#emitNow(type, data));
+      return this.#emitNow(type, data);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+  }
+
+  #emitNow(type, data) {
+    this.#checkNotClosed();
+    return this.#drained(this.#push({ type, data }));
+  }
+
+  /** Resolve once `ws` (the socket a message was written to, or null) has drained to `maxBufferedAmount`, or is gone. */
+  async #drained(ws) {
+    while (ws !== null && this.#ws === ws && ws.readyState === OPEN && (ws.bufferedAmount ?? 0) > this.#maxBufferedAmount) {
+      await new Promise((resolve) => setTimeout(resolve, DRAIN_POLL_MS));
+    }
+  }
+
+  /**
    * Send a request and resolve with the reply's data. Rejects with a {@link ReplyError} on an
    * error reply, an Error named "TimeoutError" after `timeout` ms (null: never), "ConnectionLost"
    * if the socket it was written to dropped (with a session: if the session could not be
    * resumed), "OutboxOverflow" if dropped from a full outbox, "ClientClosed" if the client
-   * closed first.
+   * closed first. While not connected with a full outbox it waits for room (its timeout
+   * runs meanwhile) instead of dropping the oldest message; with `outboxSize` 0 it is
+   * dropped at once, as before.
    */
   request(type, data, { timeout = this.#requestTimeout } = {}) {
     return new Promise((resolve, reject) => {
@@ -612,15 +652,22 @@ export class TetherClient extends EventTarget {
       const timer = timeout == null ? null : setTimeout(() => {
         this.#session.forget(id); // out of the outbox too: never sent late
         this.#reject([id], () => namedError("TimeoutError", `request "${type}" timed out after ${timeout} ms`));
+        this.#notify(); // it may have left the outbox: room for one more
       }, timeout);
       this.#requests.set(id, { resolve, reject, timer });
-      try {
-        this.#push({ type, data, id });
-      } catch (error) { // data that JSON cannot encode: this request never existed
-        this.#session.forget(id);
-        this.#takeRequest(id);
-        throw error;
-      }
+      const push = () => {
+        try {
+          this.#push({ type, data, id });
+        } catch (error) { // data that JSON cannot encode: this request never existed
+          this.#session.forget(id);
+          this.#takeRequest(id);
+          reject(error);
+        }
+      };
+      // While not connected a request waits for room in the outbox rather than push another
+      // message out (it times out meanwhile, a close rejects it); with room, it goes at once.
+      if (!this.#full()) return push();
+      this.#room(() => this.#requests.has(id)).then(() => { if (this.#requests.has(id)) push(); });
     });
   }
 
@@ -702,6 +749,7 @@ export class TetherClient extends EventTarget {
     // A browser never sees the HTTP status of a refused handshake: no `status` to pass.
     const [lost, retry] = this.#session.ended(code, reason, Date.now() / 1000, Math.random());
     this.#reject(lost, () => namedError("ConnectionLost", "connection lost before the reply"));
+    this.#notify(); // the state changed: what waits for room looks again
     if (wasClosed) return;
     if (retry === null) return this.#finish(code, reason);
     this.#save(); // e.g. a 4009 took the session away: a reload must not take it back
@@ -727,6 +775,7 @@ export class TetherClient extends EventTarget {
     this.#listeners = [];
     this.#forgetStored(); // the session is over: nothing to resume after a reload
     this.#reject(ids, () => namedError("ClientClosed", "client closed"));
+    this.#notify(); // emit() waiting for room rejects with ClientClosed
     this.#emit("close", { code, reason, willReconnect: false });
   }
 
@@ -804,20 +853,55 @@ export class TetherClient extends EventTarget {
     return this.state === "open" && this.#ws?.readyState === OPEN;
   }
 
-  /** Write `message` now or queue it, as the session says (its JSON is the payload). */
+  /**
+   * Whether a message sent now would push another out of the outbox: not connected (or the
+   * socket is closing) and the outbox is full. A zero-size outbox is never "full" here: it
+   * has no room to wait for, so what is sent while disconnected is dropped, as by send().
+   */
+  #full() {
+    const session = this.#session;
+    return !this.#isOpen() && session.outboxSize > 0 && session.outbox.length >= session.outboxSize;
+  }
+
+  /** Resolve once there is room (see #full), the client is closed, or `wanted()` turns false. */
+  async #room(wanted = () => true) {
+    while (this.#full() && this.state !== "closed" && wanted()) await this.#changed();
+  }
+
+  /** A promise resolved at the next #notify(). */
+  #changed() {
+    return new Promise((resolve) => { this.#waiters.push(resolve); });
+  }
+
+  /** Wake whatever waits in #changed(): a connection opened (the outbox is flushed) or closed, a request left the outbox. */
+  #notify() {
+    const waiters = this.#waiters;
+    this.#waiters = [];
+    for (const resolve of waiters) resolve();
+  }
+
+  /**
+   * Write `message` now or queue it, as the session says (its JSON is the payload). Returns
+   * the socket it was written to, or null (queued, or dropped from a zero-size outbox).
+   */
   #push(message) {
     const id = message.id ?? null;
     const payload = JSON.stringify(message);
     const session = this.#session;
     let [writeNow, dropped] = session.send(payload, id);
     if (writeNow) {
-      if (this.#ws?.readyState === OPEN) return this.#write(session.wrote(id, payload));
+      const ws = this.#ws;
+      if (ws?.readyState === OPEN) {
+        this.#write(session.wrote(id, payload));
+        return ws;
+      }
       dropped = session.queue(payload, id); // the socket is closing: wait for the next one
     }
-    if (dropped === null) return;
+    if (dropped === null) return null;
     const [droppedPayload, droppedId] = dropped;
     if (droppedId !== null) this.#reject([droppedId], () => namedError("OutboxOverflow", "dropped from a full outbox"));
     this.#emit("outboxoverflow", { message: JSON.parse(droppedPayload) });
+    return null;
   }
 
   /** The one place that writes to the socket. */
@@ -935,6 +1019,7 @@ export class TetherClient extends EventTarget {
     }
     if (this.state === "closed" || this.#ws !== ws) return; // a listener closed the client
     for (const [payload, id] of session.connected(Date.now() / 1000)) this.#write(session.wrote(id, payload));
+    this.#notify(); // the outbox is empty: what waits for room goes now, in the order it came
     const { interval = null, timeout = null } = data?.heartbeat ?? {};
     this.#heartbeat = { interval, timeout };
     this.#lastCheck = Date.now();
