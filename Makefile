@@ -145,9 +145,12 @@ demo: $(DEMO_STAMP)
 #                      generator it replaced alongside (SELFTEST_ARGS="-configs=50x1 -duration=5s" etc.)
 #   make bench-gencost the old generator vs the new against the same peers, same run (BENCH_ARGS too)
 #   make bench-micro   in-process ns/message of decode + dispatch + encode (bench/micro.py; MICRO_ARGS=--quick)
+#   make soak          50,000 connections held 5 min by one server process (issue 16), tether then Node ws
+#                      and Go x/net (~20 min, saturates both cores): the "50,000 connections held" section
+#                      of docs/benchmarks.md and docs/soak.png (bench/soak.py; SOAK_ARGS="--peers tether" etc.)
 
 BENCH_STAMP := $(VENV)/.tether-bench-installed
-.PHONY: bench bench-quick bench-selftest bench-gencost bench-micro
+.PHONY: bench bench-quick bench-selftest bench-gencost bench-micro soak
 
 $(BENCH_STAMP): $(VENV_STAMP)
 	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
@@ -172,6 +175,10 @@ bench-gencost: $(BENCH_STAMP)
 
 bench-micro: $(VENV_STAMP)
 	$(VENV)/bin/python bench/micro.py $(MICRO_ARGS)
+
+soak: $(BENCH_STAMP)
+	command -v go >/dev/null || $(MAKE) deps
+	$(VENV)/bin/python bench/soak.py $(SOAK_ARGS)
 
 
 # ---------------------------------------------------------------------------------------------
