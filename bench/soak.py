@@ -71,6 +71,11 @@ PEERS: dict[str, Peer] = {
                                         "{port}", "{ping}"), "tests/servers/soak_scale_app.py",
                    "ping every interval per connection (one timer wheel for all), plus its heartbeat message "
                    "(echoed by the client) when nothing else was written; ping timeout = interval"),
+    "tether-wheelfix": Peer("tether-wheelfix", "tether + wheel fix",
+                            (sys.executable, str(ROOT / "tests" / "servers" / "soak_scale_app.py"),
+                             "{port}", "{ping}", "wheel-fix"), "tests/servers/soak_scale_app.py wheel-fix",
+                            "tether with the one-line fix proposed for tether.wheel's re-arm bug monkeypatched "
+                            "in (diagnosis: what the bug costs; not in the default peers)"),
     "node-ws": Peer("node-ws", "Node ws", ("node", str(BENCH / "soak" / "ws_server.js"), "{port}", "{ping}"),
                     "bench/soak/ws_server.js",
                     "one setInterval pings every client at once each interval (the ws README); "
@@ -177,6 +182,24 @@ def socket_fds(pid: int) -> int:
         with contextlib.suppress(OSError):
             n += os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:")
     return n
+
+
+def meminfo_kib(key: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def tcp_mem_pages() -> int:
+    """Pages of socket buffers held by every TCP socket of the machine (/proc/net/sockstat)."""
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                v = line.split()
+                return int(v[v.index("mem") + 1])
+    return 0
 
 
 def machine_busy() -> float:
@@ -439,6 +462,8 @@ class Sample:
     busy_s: float  # the machine's busy CPU seconds so far
     gen_cpu_s: float
     load1: float
+    slab_kib: int = 0  # the kernel's slab caches (socket structures live there), the whole machine
+    tcp_mem_pages: int = 0
 
 
 @dataclass
@@ -495,7 +520,8 @@ def run_soak(peer_name: str, cfg: Config, quiet: bool = False, log: Callable[[st
             with contextlib.suppress(OSError):
                 gen_cpu += cpu_seconds(g.pid)
         return Sample(time.monotonic() - t0, phase[0], status_kib(srv.pid, "VmRSS"), cpu_seconds(srv.pid),
-                      fd_count(srv.pid), _total(gens, "open"), machine_busy(), gen_cpu, load1())
+                      fd_count(srv.pid), _total(gens, "open"), machine_busy(), gen_cpu, load1(),
+                      meminfo_kib("Slab"), tcp_mem_pages())
 
     def sampler() -> None:
         while not stop_sampling.wait(cfg.sample):
@@ -647,6 +673,12 @@ def summarize(s: Soak) -> dict[str, Any]:
     per_conn = [(x.t, (x.rss_kib - base_rss) / x.open) for x in s.samples if x.open >= max(1, cfg.conns // 2)]
     t_hold, t_drain = s.marks.get("hold"), s.marks.get("drain")
     held = [v for t, v in per_conn if t_hold is not None and t_drain is not None and t_hold <= t <= t_drain]
+    # Kernel memory beside RSS: slab growth from before connecting to the start of the hold, per
+    # socket (each connection is two sockets here, the client's and the server's: about the same size).
+    hold_samples = [x for x in s.samples if t_hold is not None and x.t >= t_hold]
+    first = s.samples[0] if s.samples else None
+    slab_per_socket = ((hold_samples[0].slab_kib - first.slab_kib) / (2 * hold_samples[0].open)
+                       if first and hold_samples and hold_samples[0].open and first.slab_kib else None)
     idle = dict(s.idle)
     if idle:
         idle["pings"] = pings.get("hold", 0)  # counted by the generators in the heartbeat-only phase
@@ -676,6 +708,8 @@ def summarize(s: Soak) -> dict[str, Any]:
         "kib_per_conn_end": held[-1] if held else None,
         "kib_per_conn_max": max(held) if held else None,
         "rss_after_close_mib": s.after.get("rss_kib", 0) / 1024,
+        "kernel_slab_kib_per_socket": slab_per_socket,
+        "tcp_buffer_pages_max": max((x.tcp_mem_pages for x in s.samples), default=None),
         "idle": idle, "heartbeat_cpu_ms_per_interval_per_10k": hb_cpu * 1e3 if hb_cpu is not None else None,
         "heartbeat_core_pct_per_10k": (hb_cpu / cfg.ping_interval * 100) if hb_cpu is not None else None,
         "heartbeat_cpu_ms_per_10k_pings": per_ping * 1e3 if per_ping is not None else None,
@@ -777,6 +811,8 @@ def render(results: list[dict[str, Any]], cfg: Config, info: dict[str, Any], cmd
         ("RSS per connection, KiB: start of hold → end of traffic (max)",
          lambda r: f"{_f(r['kib_per_conn_start'])} → {_f(r['kib_per_conn_end'])} ({_f(r['kib_per_conn_max'])})"),
         ("… growth while held", lambda r: _f(r["rss_growth_pct"], "{:+.1f}%")),
+        ("kernel slab per socket (not in RSS; machine-wide, approximate), KiB",
+         lambda r: _f(r.get("kernel_slab_kib_per_socket"))),
         ("server CPU per ping interval per 10,000 idle connections, ms",
          lambda r: _f(r["heartbeat_cpu_ms_per_interval_per_10k"])),
         ("… as % of a core per 10,000 idle connections", lambda r: _f(r["heartbeat_core_pct_per_10k"], "{:.2f}%")),

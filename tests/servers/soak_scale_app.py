@@ -1,6 +1,6 @@
 """The tether server of the many-connections soak (tests/test_soak_scale.py, bench/soak.py).
 
-    python tests/servers/soak_scale_app.py PORT [PING_INTERVAL]
+    python tests/servers/soak_scale_app.py PORT [PING_INTERVAL] [wheel-fix]
 
 One process, one typed App at ``/`` (public API only), keepalive on (``PING_INTERVAL``
 seconds, 20 by default; the same timeout). It raises its RLIMIT_NOFILE soft limit to the
@@ -16,6 +16,11 @@ hard limit first and prints ``LISTENING <port> <nofile>`` once it listens. Messa
   ``requests`` answered, ``closed`` (close codes of the connections that ended, from
   ``on_disconnect``), ``members`` of room ``b``, ``gc``: the cyclic garbage collector's passes
   per generation and the longest (a full pass walks every object of every connection).
+
+``wheel-fix`` (diagnosis only, for bench/soak.py's ``tether-wheelfix`` peer): tether.wheel's
+``_Wheel._fire`` replaced by the fix proposed for its re-arm bug (see
+tests/test_soak_scale.py::test_wheel_fires_an_item_due_soon_after_one_that_rescheduled_itself),
+to measure what the bug costs. Remove once tether.wheel is fixed.
 """
 
 from __future__ import annotations
@@ -144,9 +149,35 @@ async def main(port: int, ping_interval: float) -> None:
         await stop.wait()
 
 
+def patch_wheel() -> None:
+    """The proposed fix: after a firing, re-arm for the earliest bucket, not for the first one
+    added during the firing (which is an interval away while earlier buckets wait)."""
+    import heapq
+    import logging
+    import math
+
+    from tether import wheel
+
+    def _fire(self: Any) -> None:
+        self._timer = self._armed = None
+        now_slot = math.floor(wheel._now() / wheel.RESOLUTION)
+        while self._slots and self._slots[0] <= now_slot:
+            for item in self._buckets.pop(heapq.heappop(self._slots)):
+                try:
+                    item.keepalive_tick()
+                except Exception:
+                    logging.getLogger("tether").exception("keepalive tick failed for %r", item)
+        if self._slots and (self._armed is None or self._slots[0] < self._armed):
+            self._arm(self._slots[0])
+
+    wheel._Wheel._fire = _fire  # type: ignore[method-assign]
+
+
 def run() -> None:
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     interval = float(sys.argv[2]) if len(sys.argv) > 2 else 20.0
+    if "wheel-fix" in sys.argv[3:]:
+        patch_wheel()
     try:
         import uvloop
     except ImportError:
