@@ -1,10 +1,13 @@
 """The call demo in headless Chromium: real pages, fake camera and microphone, real WebRTC.
 
 The demo server (``python -m examples.call.server``) runs as a child process so a test can
-SIGKILL it and start it again on the same port. Each participant is its own browser context
-(its own storage, like another person's browser), with camera and microphone granted. Proof of
-a call, as notes/webrtc.md has it: ``RTCPeerConnection.connectionState == "connected"`` on
-both sides and ``getStats()`` inbound-rtp video ``bytesReceived`` growing.
+SIGKILL it and start it again on the same port (its sessions die with it: the pages join
+again), or a TCP proxy (tests/cut_proxy.py) cuts one page's socket while the server stays up
+(the page resumes its session: same member id, no leave/join, nothing missed). Each
+participant is its own browser context (its own storage, like another person's browser), with
+camera and microphone granted. Proof of a call, as notes/webrtc.md has it:
+``RTCPeerConnection.connectionState == "connected"`` on both sides and ``getStats()``
+inbound-rtp video ``bytesReceived`` growing.
 
 The two-person test keeps a screenshot; ``TETHER_DEMO_SCREENSHOT=1`` writes it to
 ``docs/demo.png`` (the README's), otherwise it stays in the test's temporary directory so that
@@ -30,7 +33,7 @@ from playwright.async_api import Browser, Page, async_playwright
 from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 
 from tests.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.idle_proxy import IdleProxy
+from tests.cut_proxy import CutProxy
 
 pytestmark = pytest.mark.browser
 
@@ -235,23 +238,29 @@ async def test_two_browsers_call_chat_and_recover_when_the_server_restarts(serve
             shutil.copyfile(shot, ROOT / "docs" / "demo.png")
 
         before = {page: await page.evaluate("call.myId") for page in (ada, grace)}
-        await server.kill()
+        await server.kill()  # its sessions die with it
         for page in (ada, grace):
             assert (await indicator(page, "reconnecting")).startswith("Reconnecting")
+        await say(grace, "Typed while the server was down.")  # waits on the page
         await server.start()  # the same port
         for page in (ada, grace):
             assert await indicator(page, "connected") == "Connected"
 
-        # Presence heals: new member ids, the same people, Grace still muted.
+        # A new session: the pages join again. Presence heals: new member ids, the same
+        # people, Grace still muted.
         for page in (ada, grace):
             await in_call(page, ["Ada Lovelace", "Grace Hopper"])
             assert await page.evaluate("call.myId") != before[page]
+            assert await page.evaluate("call.resumes") == [False]
+            assert {"room": ROOM, "reason": "session"} in await page.evaluate("call.gaps")
         await sees(ada, "Grace Hopper", mic=False, cam=True)
         await sees(grace, "Ada Lovelace", mic=True, cam=True)
         for page in (ada, grace):  # signalling recovered: new peer connections carry video
             await video_grows(page)
+        await hears(ada, "Typed while the server was down.")
         await say(grace, "Still here after the restart.")
         await hears(ada, "Still here after the restart.")
+        assert await ada.evaluate("call.summary().chat.filter((t) => t === 'Typed while the server was down.').length") == 1
 
         for page in (ada, grace):
             states = [entry["state"] for entry in await page.evaluate("call.connectionLog")]
@@ -332,32 +341,92 @@ async def test_third_person_joins_every_pair_connects_then_one_leaves(server):
 
 
 async def test_one_cut_socket_reconnects_and_the_other_side_heals_while_the_server_stays_up(server):
-    """Grace's socket (through a TCP proxy) is cut; the server sees her leave and rejoin."""
-    async with IdleProxy(server.port, idle_timeout=None) as proxy, chromium() as browser:
+    """Grace's socket (through a TCP proxy) is cut and stays down for a while; the server
+    stays up. Her page resumes its session: the same member id and seat, Ada sees no leave or
+    join, the peer connections carry on, and what was said, changed and signalled meanwhile
+    arrives, in both directions."""
+    async with CutProxy(server.port) as proxy, chromium() as browser:
         ada = await join(browser, server, "Ada Lovelace")
         grace = await join(browser, server, "Grace Hopper", base=f"http://127.0.0.1:{proxy.port}")
         for page in (ada, grace):
             await in_call(page, ["Ada Lovelace", "Grace Hopper"])
         await grace.click("#cam")
         await sees(ada, "Grace Hopper", mic=True, cam=False)
-        old_id = await grace.evaluate("call.myId")
+        ids = {page: await page.evaluate("call.myId") for page in (ada, grace)}
+        for page in (ada, grace):  # mark the Peer objects: the same ones must be there after
+            await page.evaluate("window.peersBefore = [...call.peers.values()]")
+        seen = await ada.evaluate("call.presenceLog.length")
+        restarts = await ada.evaluate("[...call.peers.values()][0].stats.iceRestarts")
 
-        for pipe in list(proxy.pipes):  # both directions, no close frame: like a dropped network
-            pipe.close()
-        await grace.wait_for_function("(old) => call.myId !== null && call.myId !== old", arg=old_id, timeout=ms(20))
+        proxy.refuse()  # the network is down: reconnects fail until admit()
+        assert proxy.cut() == 1
+        assert (await indicator(grace, "reconnecting")).startswith("Reconnecting")
+        await video_grows(ada)  # video does not go through the server
+        await video_grows(grace)
+        await say(ada, "Grace, are you still there?")
+        await say(grace, "My network dropped for a moment.")  # waits in her client's outbox
+        await grace.click("#mic")  # so does her new state
+        await ada.evaluate("[...call.peers.values()][0].restartIce()")  # an offer for her: kept
+        await ada.wait_for_function("[...call.peers.values()][0].pc.signalingState === 'have-local-offer'", timeout=ms(10))
+
+        proxy.admit()
+        await grace.evaluate("call.client.wake()")  # skip what is left of the backoff
+        assert await indicator(grace, "connected") == "Connected"
+        await hears(grace, "Grace, are you still there?")
+        await hears(ada, "My network dropped for a moment.")
+        await sees(ada, "Grace Hopper", mic=False, cam=False)
+        await ada.wait_for_function(
+            """(restarts) => { const peer = [...call.peers.values()][0];
+                return peer.stats.iceRestarts > restarts && peer.pc.signalingState === 'stable' && peer.state === 'connected'; }""",
+            arg=restarts, timeout=ms(20),
+        )  # fmt: skip
         for page in (ada, grace):
             await in_call(page, ["Ada Lovelace", "Grace Hopper"])
             await video_grows(page)
+            assert await page.evaluate("call.myId") == ids[page]
+            assert await page.evaluate("[...call.peers.values()].every((peer, i) => peer === window.peersBefore[i])")
+        assert await grace.evaluate("call.resumes") == [True]
+        assert await grace.evaluate("call.gaps") == []
+        # Ada saw Grace change her state, and no leave or join: no flapping.
+        changes = (await ada.evaluate("call.presenceLog"))[seen:]
+        assert changes == [{"event": "update", "id": ids[grace]}], changes
         roster = await ada.evaluate("call.summary().roster.map((m) => m.id)")
-        assert old_id not in roster and len(roster) == 2  # her old member id left, no ghost
-        await sees(ada, "Grace Hopper", mic=True, cam=False)  # her state came back with her
+        assert sorted(roster) == sorted(ids.values())
         assert await ada.locator(".tile.remote.no-video").count() == 1
         await say(ada, "Welcome back, Grace.")
         await hears(grace, "Welcome back, Grace.")
+        for page in (ada, grace):  # every line once
+            chat = await page.evaluate("call.summary().chat")
+            assert len(chat) == len(set(chat)) == 3, chat
 
         grace_log = [e["state"] for e in await grace.evaluate("call.connectionLog")]
         assert grace_log == ["connecting", "connected", "reconnecting", "connected"], grace_log
         assert [e["state"] for e in await ada.evaluate("call.connectionLog")] == ["connecting", "connected"]
+        for page in (ada, grace):
+            assert page.errors == []
+
+
+async def test_a_reload_leaves_and_joins_again_at_once(server):
+    """A reloaded page ends its session (pagehide): the others see it leave at once rather
+    than keep a ghost for the resume window, and it joins again with the chat's history."""
+    async with chromium() as browser:
+        ada = await join(browser, server, "Ada Lovelace")
+        grace = await join(browser, server, "Grace Hopper")
+        for page in (ada, grace):
+            await in_call(page, ["Ada Lovelace", "Grace Hopper"])
+        await say(ada, "Said before the reload.")
+        await hears(grace, "Said before the reload.")
+        old = await grace.evaluate("call.myId")
+
+        await grace.reload()
+        await ada.wait_for_function(
+            "(old) => call.presenceLog.some((e) => e.event === 'leave' && e.id === old)", arg=old, timeout=ms(5)
+        )  # well within the session window (30 s)
+        for page in (ada, grace):
+            await in_call(page, ["Ada Lovelace", "Grace Hopper"])
+            await video_grows(page)
+        assert await grace.evaluate("call.myId") != old
+        await hears(grace, "Said before the reload.")  # the history, from tether's room history
         for page in (ada, grace):
             assert page.errors == []
 
@@ -379,23 +448,39 @@ PURE_MODULES = """async () => {
     roster.sync([{ id: "n.1", meta: meta("A", 1) }, { id: "n.2", meta: meta("B", 2) }]);
     const afterSync = roster.entries().map(([id, m]) => `${id}:${m.name}:${m.mic}`);
     roster.apply({ event: "update", id: "n.9", meta: meta("ghost", 9) }); // unknown: ignored
-    roster.unsync();
+    roster.unsync();                                      // a gap: diffs wait for the list
     roster.apply({ event: "leave", id: "n.1", meta: null });
     const keptWhileUnsynced = roster.size;
+    roster.unsync();                                      // still waiting: the leave waits too
+    roster.sync([{ id: "n.1", meta: meta("Ann", 1) }, { id: "n.3", meta: meta("C", 3) }]);
+    const afterGap = roster.entries().map(([id]) => id);
+    roster.reset();                                       // a new session: old diffs are dropped
+    roster.apply({ event: "join", id: "m.1", meta: meta("A", 1) });
+    roster.reset();
+    roster.sync([{ id: "m.2", meta: meta("B", 1) }]);
+    const afterReset = roster.entries().map(([id]) => id);
 
-    const chat = new ChatLog(3);
-    const line = (epoch, seq) => ({ epoch, seq, text: `${epoch}${seq}` });
-    chat.add([line("a", 2)]);
-    const again = chat.add([line("a", 1), line("a", 2)]); // history overlapping a live line
-    chat.add([line("b", 1)]);                              // a restarted server: a new epoch
-    chat.add([line("a", 3)]);
-    const dup = chat.add([line("a", 1)]);                  // dropped by the limit: not re-added
+    const chat = new ChatLog(5);
+    const line = (id) => ({ id, text: id });
+    chat.add([line("c")]);                                 // live before the history reply
+    const mark = chat.mark();
+    chat.add([line("e")]);                                 // said after the mark
+    const merged = chat.merge([line("a"), line("b"), line("c"), line("d")], mark);
+    const afterMerge = chat.lines.map((l) => l.text);
+    const again = chat.add([line("d")]);                   // in the history, then live: once
+    const same = chat.merge([line("c"), line("d")], chat.mark());
+    chat.add([line("f")]);                                 // the limit drops "a"...
+    const dropped = chat.merge([line("a"), line("f")], chat.mark()); // ...for good
+    const old = new ChatLog();
+    old.add([line("x"), line("y")]);                       // then the server restarted
+    const fresh = old.mark();
+    old.merge([line("z")], fresh);
 
     return {
-        waiting, afterSync, keptWhileUnsynced,
+        waiting, afterSync, keptWhileUnsynced, afterGap, afterReset,
         polite: [isPolite({ id: "n.2", meta: meta("B", 2) }, { id: "n.1", meta: meta("A", 1) }),
                  isPolite({ id: "n.1", meta: meta("A", 1) }, { id: "n.2", meta: meta("B", 2) })],
-        chat: chat.lines.map((l) => l.text), again, dup,
+        chat: chat.lines.map((l) => l.text), merged, afterMerge, again, same, dropped, restarted: old.lines.map((l) => l.text),
         status: [describe("connected", null, 0), describe("reconnecting", 2500, 0), describe("reconnecting", 100, 200),
                  describe("offline", null, 0), describe("connecting", null, 0)],
         grid: [bestGrid(2, 890, 544), bestGrid(1, 890, 544), bestGrid(4, 890, 544)].map((g) => [g.cols, g.rows]),
@@ -414,8 +499,13 @@ async def test_page_modules_merge_presence_and_chat_in_order(server):
     assert result["waiting"] is False
     assert result["afterSync"] == ["n.1:Ann:false", "n.3:C:true"]  # B left, C came, A updated
     assert result["keptWhileUnsynced"] == 2  # shown as last known until the next state
+    assert result["afterGap"] == ["n.3"]  # the leave that came while waiting applies on top
+    assert result["afterReset"] == ["m.2"]  # the old session's join does not
     assert result["polite"] == [True, False]  # the later seat is polite
-    assert result["chat"] == ["a2", "a3", "b1"] and result["again"] is True and result["dup"] is False
+    assert result["merged"] is True and result["afterMerge"] == ["a", "b", "c", "d", "e"]
+    assert result["again"] is False and result["same"] is False
+    assert result["chat"] == ["b", "c", "d", "e", "f"] and result["dropped"] is False
+    assert result["restarted"] == ["x", "y", "z"]
     assert result["status"] == ["Connected", "Reconnecting in 3 s", "Reconnecting…", "Offline", "Connecting…"]
     assert result["grid"] == [[2, 1], [1, 1], [2, 2]]
     assert result["rooms"] == ["team-sync", "amber-otter-4821", None, True]

@@ -1,9 +1,17 @@
 """The call demo's server (examples/call) over real sockets, driven by tether's Python client.
 
 What a browser relies on: joins with checked names and server-given seats, presence that shows
-state changes without leave/join churn, signalling relayed to one member and refused to anyone
-outside the call, chat with history for late joiners, clear errors for bad input, and the
-pages (the call app's and the tutorial's at /hello) on the same port.
+state changes as tether presence updates (no leave/join churn), signalling relayed to one
+member and refused to anyone outside the call, chat with history for late joiners (tether's
+room history), clear errors for bad input, and the pages (the call app's and the tutorial's at
+/hello) on the same port.
+
+Reconnects, as tether.js does them (sessions on): a client cut by a TCP proxy
+(tests/cut_proxy.py) resumes with its member id and seat, the others see no leave/join, and
+what happened meanwhile (chat, presence, a signal for it) arrives after the resume, once; a
+restarted server (sessions lost) makes the client join again under a new id; a client that
+does not come back leaves when its session's window ends; a client without sessions is a new
+member after every reconnect.
 """
 
 from __future__ import annotations
@@ -11,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +30,9 @@ from conftest import timeout
 from rawws import http_get
 
 import tether
-from examples.call.app import IceServer, make_app
-from examples.call.history import ChatHistory
+from examples.call.app import CHAT_LINES, IceServer, make_app
 from examples.call.server import build_site, make_routes
+from tests.cut_proxy import CutProxy
 
 ROOM = "amber-otter-4821"
 OFFER = {"type": "offer", "sdp": "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\n"}
@@ -31,15 +40,18 @@ CANDIDATE = {"candidate": "candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host
 
 
 class Member:
-    """A ``tether.Client`` in the demo with a queue per pushed message type."""
+    """A ``tether.Client`` in the demo (with a session, as tether.js keeps one) and a queue per
+    pushed message type and for its ``resumed`` and ``gap`` events."""
 
-    TYPES = ("presence", "state", "signal", "chat")
+    TYPES = ("presence", "signal", "chat")
 
-    def __init__(self, url: str) -> None:
-        self.client = tether.Client(url, resume=False)  # the page keeps no session yet: it re-joins (demo.md)
+    def __init__(self, url: str, *, resume: bool = True) -> None:
+        self.client = tether.Client(url, resume=resume)
         self.inbox: dict[str, asyncio.Queue[Any]] = defaultdict(asyncio.Queue)
         for type in self.TYPES:
             self.client.on(type, self.inbox[type].put_nowait)
+        for event in ("resumed", "gap", "close"):
+            self.client.add_listener(event, lambda *args, event=event: self.inbox[event].put_nowait(args))
         self.id: str | None = None
 
     async def join(self, name: str, room: str = ROOM, **state: Any) -> dict[str, Any]:
@@ -52,7 +64,7 @@ class Member:
             return await self.client.request(type, data)
 
     async def next(self, type: str) -> Any:
-        """The next pushed message of ``type`` (fails after a scaled timeout)."""
+        """The next pushed message (or event) of ``type`` (fails after a scaled timeout)."""
         async with timeout(5):
             return await self.inbox[type].get()
 
@@ -61,30 +73,79 @@ class Member:
             await self.request(type, data)
         return info.value
 
+    async def back(self) -> bool:
+        """After a cut: skip the backoff, wait until connected again; whether it resumed."""
+        self.client.wake()
+        (resumed, _lost) = await self.next("resumed")
+        async with timeout(5):
+            await self.client.wait_open()
+        return bool(resumed)
+
+
+class Gone:
+    """Member ids of the demo app's connections as they close (after the app's own close
+    callback ran: this one is added later), to wait for the server to have seen a cut."""
+
+    def __init__(self, app: tether.App) -> None:
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def watch(conn: tether.Conn) -> None:
+            conn.on_close(lambda conn: self.queue.put_nowait(app.hub.member_id(conn)))
+
+        app.on_connect(watch)
+        app.on_resume(watch)
+
+    async def wait(self, member: str | None) -> None:
+        async with timeout(5):
+            while await self.queue.get() != member:
+                pass
+
+
+def demo_routes(**app_settings: Any) -> tuple[dict[str, tether.Handler], tether.App]:
+    routes = make_routes(ice_servers=[IceServer("stun:stun.example.org:3478")])
+    app = routes["/ws"]
+    assert isinstance(app, tether.App)
+    if app_settings:
+        routes["/ws"] = app = make_app(ice_servers=[IceServer("stun:stun.example.org:3478")], **app_settings)
+    return routes, app
+
 
 @pytest.fixture
 async def demo(tmp_path: Path) -> AsyncIterator[tether.Server]:
     site = build_site(tmp_path / "site")
-    async with tether.serve(make_routes(ice_servers=[IceServer("stun:stun.example.org:3478")]), "127.0.0.1", 0, static_dir=site) as server:
+    routes, app = demo_routes()
+    async with tether.serve(routes, "127.0.0.1", 0, static_dir=site) as server:
+        server.gone = Gone(app)  # type: ignore[attr-defined]
         yield server
 
 
+Members = Callable[..., Awaitable[list[Member]]]
+
+
+@asynccontextmanager
+async def started(urls: list[str], **options: Any) -> AsyncIterator[list[Member]]:
+    members = [Member(url, **options) for url in urls]
+    for member in members:
+        member.client.start()
+    try:
+        yield members
+    finally:
+        for member in members:
+            async with timeout(5):
+                await member.client.close()
+
+
 @pytest.fixture
-async def members(demo: tether.Server) -> AsyncIterator[Any]:
-    """``alice, bob = await members(2)``: started clients, closed at teardown."""
-    started: list[Member] = []
+async def members(demo: tether.Server) -> AsyncIterator[Members]:
+    """``alice, bob = await members(2)``: started clients, closed at teardown; ``port=`` another
+    port (a proxy's), ``resume=False`` clients without sessions."""
+    async with AsyncExitStack() as stack:
 
-    async def make(n: int, path: str = "/ws") -> list[Member]:
-        new = [Member(f"ws://127.0.0.1:{demo.port}{path}") for _ in range(n)]
-        for member in new:
-            member.client.start()
-            started.append(member)
-        return new
+        async def make(n: int, *, port: int | None = None, **options: Any) -> list[Member]:
+            url = f"ws://127.0.0.1:{port or demo.port}/ws"
+            return await stack.enter_async_context(started([url] * n, **options))
 
-    yield make
-    for member in started:
-        async with timeout(5):
-            await member.client.close()
+        yield make
 
 
 # -- joining and presence ---------------------------------------------------------------------
@@ -102,7 +163,7 @@ async def test_server_join_gives_growing_seats_and_presence_lists_everyone(membe
     assert await alice.next("presence") == {"event": "join", "id": bob.id, "meta": bob_meta}
 
 
-async def test_server_state_update_reaches_everyone_without_leave_or_join_events(members):
+async def test_server_state_is_a_presence_update_without_leave_or_join_events(members):
     alice, bob, carol = await members(3)
     await alice.join("Alice")
     await bob.join("Bob")
@@ -110,14 +171,14 @@ async def test_server_state_update_reaches_everyone_without_leave_or_join_events
 
     meta = await bob.request("state", {"name": "Robert", "mic": False, "cam": False})
     assert meta == {"name": "Robert", "mic": False, "cam": False, "seat": 2}
-    for member in (alice, bob):  # the sender hears it too: one code path for every roster
-        assert await member.next("state") == {"id": bob.id, "meta": meta}
+    assert await alice.next("presence") == {"event": "update", "id": bob.id, "meta": meta}
     assert {m["id"]: m["meta"] for m in await alice.request("presence", {"room": ROOM})}[bob.id] == meta
 
     joined = await carol.join("Carol")  # a late joiner sees the new state in its join reply
     assert {m["id"]: m["meta"] for m in joined["presence"]}[bob.id] == meta
-    # The update sent no presence events: Alice's next one is Carol's join.
+    # The update was one event: Alice's next one is Carol's join; Bob's reply was his copy.
     assert await alice.next("presence") == {"event": "join", "id": carol.id, "meta": {"name": "Carol", "mic": True, "cam": True, "seat": 3}}
+    assert await bob.next("presence") == {"event": "join", "id": carol.id, "meta": {"name": "Carol", "mic": True, "cam": True, "seat": 3}}
 
 
 async def test_server_state_keeps_the_seat_and_chat_uses_the_new_name(members):
@@ -130,6 +191,17 @@ async def test_server_state_keeps_the_seat_and_chat_uses_the_new_name(members):
     assert (await alice.next("chat"))["name"] == "Bobby"
 
 
+async def test_server_joining_the_same_call_again_keeps_the_seat_and_updates_the_state(members):
+    alice, bob = await members(2)
+    await alice.join("Alice")
+    await bob.join("Bob")
+    assert (await alice.next("presence"))["event"] == "join"
+    again = await bob.join("Bob", mic=False)
+    meta = {"name": "Bob", "mic": False, "cam": True, "seat": 2}
+    assert {m["id"]: m["meta"] for m in again["presence"]}[bob.id] == meta
+    assert await alice.next("presence") == {"event": "update", "id": bob.id, "meta": meta}
+
+
 async def test_server_leave_and_close_are_seen_by_the_others_at_once(members):
     alice, bob, carol = await members(3)
     for member, name in ((alice, "Alice"), (bob, "Bob"), (carol, "Carol")):
@@ -139,13 +211,121 @@ async def test_server_leave_and_close_are_seen_by_the_others_at_once(members):
     assert await bob.request("leave", {"room": ROOM}) is None
     assert await alice.next("presence") == {"event": "leave", "id": bob.id, "meta": None}
     async with timeout(5):
-        await carol.client.close()
+        await carol.client.close()  # a close (1000) ends the session: no window to wait for
     assert await alice.next("presence") == {"event": "leave", "id": carol.id, "meta": None}
     assert [m["id"] for m in await alice.request("presence", {"room": ROOM})] == [alice.id]
 
 
-async def test_server_reconnected_member_rejoins_with_a_new_id_and_a_new_seat(members, demo):
-    alice, bob = await members(2)
+# -- reconnecting -----------------------------------------------------------------------------
+
+
+async def test_server_cut_member_resumes_with_its_id_and_seat_and_gets_what_it_missed(members, demo):
+    """Bob's socket is cut and stays down; meanwhile Alice chats, mutes and signals him, and he
+    says something. Back, he is the same member, the others saw nothing, and everything said
+    either way arrives once, in order."""
+    async with CutProxy(demo.port) as proxy:
+        (alice,) = await members(1)
+        (bob,) = await members(1, port=proxy.port)
+        await alice.join("Alice")
+        joined = await bob.join("Bob")
+        assert (await alice.next("presence"))["event"] == "join"
+        await bob.request("chat", {"text": "before the cut"})
+        assert (await alice.next("chat"))["text"] == (await bob.next("chat"))["text"] == "before the cut"
+
+        proxy.refuse()
+        assert proxy.cut() == 1
+        await bob.next("close")
+        await demo.gone.wait(bob.id)  # the server saw him go: he is away, his session waits
+        assert [m["id"] for m in await alice.request("presence", {"room": ROOM})] == [alice.id, bob.id]
+        said = [await alice.request("chat", {"text": f"while you were away {n}"}) for n in range(3)]
+        assert [await alice.next("chat") for _ in range(3)] == said
+        await alice.request("state", {"name": "Alice", "mic": False})
+        assert await alice.request("signal", {"to": bob.id, "description": OFFER}) is None  # kept for him
+        bob.client.send("chat", {"text": "typed while cut"})  # in his outbox
+
+        proxy.admit()
+        assert await bob.back() is True
+        assert bob.inbox["gap"].empty()
+        assert [(await bob.next("chat"))["id"] for _ in range(3)] == [line["id"] for line in said]
+        assert await bob.next("presence") == {"event": "update", "id": alice.id, "meta": {"name": "Alice", "mic": False, "cam": True, "seat": 1}}
+        assert await bob.next("signal") == {"from": alice.id, "description": OFFER}
+        assert (await alice.next("chat"))["text"] == "typed while cut"
+        assert (await bob.next("chat"))["text"] == "typed while cut"
+
+        again = await bob.request("presence", {"room": ROOM})  # the same member, the same seat
+        assert {m["id"]: m["meta"] for m in again} == {
+            alice.id: {"name": "Alice", "mic": False, "cam": True, "seat": 1},
+            bob.id: {"name": "Bob", "mic": True, "cam": True, "seat": 2},
+        }
+        assert {m["id"] for m in joined["presence"]} == {alice.id, bob.id}
+        await bob.request("chat", {"text": "after the cut"})  # still in the call without joining
+        assert (await alice.next("chat"))["text"] == "after the cut"
+        assert alice.inbox["presence"].empty()  # no leave, no join
+        assert alice.inbox["chat"].empty() and bob.inbox["signal"].empty()  # nothing twice
+        assert await alice.request("signal", {"to": bob.id, "candidate": CANDIDATE}) is None
+        assert await bob.next("signal") == {"from": alice.id, "candidate": CANDIDATE}
+
+
+async def test_server_restarted_loses_the_sessions_and_members_join_again(tmp_path):
+    """The server process is replaced (sessions are in its memory): each client starts a new
+    session, hears that its call is gone (a ``session`` gap) and joins again, under a new id."""
+    routes, _ = demo_routes()
+    first = await tether.serve(routes, "127.0.0.1", 0)
+    try:
+        async with CutProxy(first.port) as proxy, started([f"ws://127.0.0.1:{proxy.port}/ws"] * 2) as (alice, bob):
+            await alice.join("Alice")
+            await bob.join("Bob", cam=False)
+            assert (await alice.next("presence"))["id"] == bob.id
+            old = (alice.id, bob.id)
+            await alice.request("chat", {"text": "said to the first server"})
+
+            proxy.refuse()
+            proxy.cut()
+            await first.close()
+            routes, _ = demo_routes()
+            async with tether.serve(routes, "127.0.0.1", 0) as second:
+                proxy.upstream_port = second.port
+                proxy.admit()
+                for member in (alice, bob):
+                    assert await member.back() is False
+                    assert await member.next("gap") == (ROOM, 0, 0, "session")
+                    assert (await member.refused("chat", {"text": "not in a call yet"})).code == "not_in_call"
+                await alice.join("Alice")
+                rejoined = await bob.join("Bob", cam=False)
+                assert alice.id not in old and bob.id not in old
+                assert {m["id"]: m["meta"]["seat"] for m in rejoined["presence"]} == {alice.id: 1, bob.id: 2}
+                assert await alice.next("presence") == {"event": "join", "id": bob.id, "meta": {"name": "Bob", "mic": True, "cam": False, "seat": 2}}
+                assert await bob.request("history") == []  # the first server's history went with it
+    finally:
+        await first.close()
+
+
+async def test_server_member_that_does_not_come_back_leaves_when_its_window_ends(tmp_path):
+    routes, app = demo_routes(resume=tether.Resume(window=0.5))
+    async with tether.serve(routes, "127.0.0.1", 0) as server:
+        gone = Gone(app)
+        async with CutProxy(server.port) as proxy, started([f"ws://127.0.0.1:{server.port}/ws"]) as (alice,):
+            async with started([f"ws://127.0.0.1:{proxy.port}/ws"]) as (bob,):
+                await alice.join("Alice")
+                await bob.join("Bob")
+                assert (await alice.next("presence"))["event"] == "join"
+                proxy.refuse()
+                proxy.cut()
+                await gone.wait(bob.id)
+                assert await alice.next("presence") == {"event": "leave", "id": bob.id, "meta": None}
+                error = await alice.refused("signal", {"to": bob.id, "candidate": CANDIDATE})
+                assert error.code == "no_such_peer"
+                proxy.admit()
+                assert await bob.back() is False  # too late: a new session
+                await bob.join("Bob")
+                assert (await alice.next("presence"))["event"] == "join"
+
+
+async def test_server_client_without_sessions_rejoins_with_a_new_id_and_a_new_seat(members, demo):
+    """A client that keeps no session (resume=False, or any plain WebSocket client) is a new
+    member after every reconnect: the others see it leave at once, and it joins again."""
+    (alice,) = await members(1)
+    (bob,) = await members(1, resume=False)
     await alice.join("Alice")
     first = await bob.join("Bob")
     assert (await alice.next("presence"))["id"] == bob.id
@@ -317,10 +497,9 @@ async def test_server_chat_reaches_the_call_and_late_joiners_get_the_history(mem
     await bob.join("Bob")
     await elsewhere.join("Eve", room="another-call-1")
     said = [await alice.request("chat", {"text": f"line {n}"}) for n in range(3)]
-    assert [line["seq"] for line in said] == [1, 2, 3]
-    assert len({line["epoch"] for line in said}) == 1
+    assert len({line["id"] for line in said}) == 3
     for member in (alice, bob):
-        assert [(await member.next("chat"))["text"] for _ in range(3)] == ["line 0", "line 1", "line 2"]
+        assert [await member.next("chat") for _ in range(3)] == said
     assert said[0]["from"] == alice.id and said[0]["name"] == "Alice" and isinstance(said[0]["at"], int)
 
     await carol.join("Carol")
@@ -329,19 +508,28 @@ async def test_server_chat_reaches_the_call_and_late_joiners_get_the_history(mem
     assert elsewhere.inbox["chat"].empty()
 
 
-def test_chat_history_keeps_the_last_lines_of_the_most_recent_calls():
-    history = ChatHistory(size=2, rooms=2)
-    lines = [history.append("call-a", "m.1", "A", f"a{n}", at=n) for n in range(3)]
-    assert [line.seq for line in lines] == [1, 2, 3]
-    assert history.lines("call-a") == lines[1:]
-    history.append("call-b", "m.2", "B", "b0", at=0)
-    history.lines("call-a")  # reading keeps call-a recent
-    history.append("call-c", "m.3", "C", "c0", at=0)
-    assert len(history) == 2 and history.lines("call-b") == []
-    again = history.append("call-b", "m.2", "B", "b1", at=1)
-    assert (again.seq, again.epoch != lines[0].epoch) == (1, True)  # a fresh history: a new epoch
-    with pytest.raises(ValueError):
-        ChatHistory(size=0)
+async def test_server_history_is_the_last_lines_whatever_else_the_call_broadcast(members):
+    """The history comes from the room's (presence events are in it too): the last CHAT_LINES
+    lines, oldest first."""
+    alice, bob = await members(2)
+    await alice.join("Alice")
+    said = []
+    for n in range(CHAT_LINES + 5):
+        said.append(await alice.request("chat", {"text": f"line {n}"}))
+        await alice.request("state", {"name": "Alice", "mic": n % 2 == 0})  # presence updates between
+    await bob.join("Bob")
+    assert await bob.request("history") == said[-CHAT_LINES:]
+
+
+async def test_server_history_outlives_the_members_of_a_call(members):
+    """Everyone left: a link opened again (within CHAT_MAX_AGE) shows what was said there."""
+    alice, bob = await members(2)
+    await alice.join("Alice")
+    line = await alice.request("chat", {"text": "see you tomorrow"})
+    async with timeout(5):
+        await alice.client.close()
+    await bob.join("Bob")
+    assert await bob.request("history") == [line]
 
 
 # -- configuration and pages ------------------------------------------------------------------

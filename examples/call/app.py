@@ -10,17 +10,25 @@ client -> server
   by :func:`admit` (``@app.on_join``), which checks the room name, the meta and the call size
   and gives the member a **seat**: a number that grows with every join. The reply is tether's
   ``{"room", "id", "presence"}``; every presence meta is ``{"name", "mic", "cam", "seat"}``.
-- ``state`` ``{"name", "mic", "cam"}`` (request): a new name or mic/camera state; everybody in
-  the call, the sender too, gets ``state`` ``{"id", "meta"}`` and presence lists show it.
+- ``state`` ``{"name", "mic", "cam"}`` (request): a new name or mic/camera state, through
+  tether's presence update (``hub.update``): the others get ``presence`` ``{"event": "update",
+  "id", "meta"}``, the reply is the new meta.
 - ``signal`` ``{"to": member id, "description"?: {"type", "sdp"}, "candidate"?: {...}}``:
   relayed to that one member as ``signal`` ``{"from", "description" | "candidate"}``; only
-  between members of the same call.
-- ``chat`` ``{"text"}`` (request): everyone in the call gets ``chat`` (a :class:`Line`);
-  ``history`` (request): the call's last lines, for late joiners and after a reconnect.
+  between members of the same call. A member whose client is away (its session waiting for a
+  resume) gets it when it is back.
+- ``chat`` ``{"text"}`` (request): everyone in the call gets ``chat`` (a :class:`Line`), a
+  broadcast kept in the room's history; ``history`` (request): the call's last lines from that
+  history (``hub.recent``), for late joiners and after a new session.
 - ``config`` (request): ``{"iceServers": [...]}`` for ``RTCPeerConnection``.
 - ``leave`` ``{"room"}``: tether's own.
 
-server -> client: tether's ``presence`` join/leave events, and ``state``, ``signal``, ``chat``.
+server -> client: tether's ``presence`` join/update/leave events, and ``signal``, ``chat``.
+
+**Reconnects** are tether's sessions (on by default in tether.js): a client back within the
+resume window keeps its member id, its seat and its place in the call (no leave/join for the
+others), and gets what it missed (chat lines, presence changes, signals) in order. A client
+that does not come back leaves the call when the window ends (:data:`RESUME`).
 
 **Roles for perfect negotiation** (W3C webrtc-pc, "Perfect negotiation"): of two members, the
 one with the later seat is polite. The server hands out the seats, so both sides of a pair
@@ -36,6 +44,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import secrets
 import time
 from typing import Annotated, Any, Literal
 
@@ -43,9 +52,7 @@ import msgspec
 
 import tether
 
-from .history import ChatHistory, Line
-
-__all__ = ["make_app", "ROOM_NAME", "MAX_CALL_SIZE", "IceServer"]
+__all__ = ["make_app", "ROOM_NAME", "MAX_CALL_SIZE", "RESUME", "CHAT_LINES", "CHAT_MAX_AGE", "IceServer", "Line"]
 
 logger = logging.getLogger("call")
 
@@ -54,6 +61,16 @@ logger = logging.getLogger("call")
 ROOM_NAME = re.compile(r"[a-z0-9][a-z0-9-]{1,62}[a-z0-9]")
 #: A mesh sends every stream to every peer: beyond ~6 people uplinks and CPUs give out.
 MAX_CALL_SIZE = 6
+#: Sessions: how long a member whose client vanished (no close) stays in the call waiting for
+#: it to come back. Shorter than tether's default (120 s): the others see a ghost meanwhile.
+RESUME = tether.Resume(window=30.0)
+#: Chat scrollback: the last lines a late joiner gets, from a call's history of broadcasts
+#: (presence changes are broadcasts too: up to CHAT_SCAN of them are looked through).
+CHAT_LINES = 50
+CHAT_SCAN = 1000
+#: How long a call's broadcasts (its chat) stay in its history: tether's default, 120 s, is
+#: what a resume needs; a chat's scrollback wants longer.
+CHAT_MAX_AGE = 3600.0
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"\S")]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=1000, pattern=r"\S")]
@@ -76,11 +93,6 @@ class Meta(msgspec.Struct):
     mic: bool
     cam: bool
     seat: int
-
-
-class Update(msgspec.Struct):
-    id: str
-    meta: Meta
 
 
 class Description(msgspec.Struct):
@@ -113,6 +125,17 @@ class Say(msgspec.Struct, forbid_unknown_fields=True):
     text: Text
 
 
+class Line(msgspec.Struct, frozen=True):
+    """One chat line as every client sees it: ``id`` is unique (a page merges history and live
+    lines by it), ``from`` is the sender's member id, ``at`` Unix time in ms."""
+
+    id: str
+    sender: str = msgspec.field(name="from")
+    name: str
+    text: str
+    at: int
+
+
 class IceServer(msgspec.Struct, omit_defaults=True):
     """An ``RTCIceServer``: ``{"urls": "stun:..."}``, with credentials for TURN."""
 
@@ -129,17 +152,23 @@ def make_app(
     *,
     ice_servers: list[IceServer] | None = None,
     max_call_size: int = MAX_CALL_SIZE,
-    history: ChatHistory | None = None,
+    resume: tether.Resume | None = RESUME,
 ) -> tether.App:
-    """The call app (mount it at ``/ws``). Its state (seats, chat history) lives in this process.
+    """The call app (mount it at ``/ws``). Its state (seats, sessions, the calls' history)
+    lives in this process.
 
     ``ice_servers`` go to every browser (none are needed on one machine or a LAN; a STUN
-    server, and TURN for strict NATs, across the Internet).
+    server, and TURN for strict NATs, across the Internet). ``resume``: the session settings
+    (``None``: no sessions, every reconnect is a new member).
     """
-    app = tether.App()
+    app = tether.App(resume=resume)
     config = Config(list(ice_servers or ()))
-    chat_history = history if history is not None else ChatHistory()
     seats = itertools.count(1)
+    window = resume.window if resume is not None else 0.0
+    #: Members whose client is away (closed without ending its session): member id -> (its
+    #: latest connection, until when it may come back). ``conn.emit`` on a connection of a
+    #: session reaches the client across reconnects, so a signal for it waits for it.
+    away: dict[str, tuple[tether.Conn, float]] = {}
 
     @app.on_join
     async def admit(conn: tether.Conn, room: str, meta: Any) -> Meta:
@@ -151,22 +180,27 @@ def make_app(
             state = msgspec.convert(meta, State)
         except msgspec.ValidationError as exc:
             raise tether.ReplyError("invalid_meta", f"meta: {exc}") from None
-        if room not in conn.rooms and len(await app.presence(room)) >= max_call_size:
+        if room in conn.rooms:  # joining again: keeps the seat, shows the state given now
+            listed = Meta(state.name, state.mic, state.cam, conn.assigns["seat"])
+            await app.hub.update(conn, room, listed)
+            return listed
+        if len(await app.presence(room)) >= max_call_size:  # members away keep their place
             raise tether.ReplyError("call_full", f"a call has at most {max_call_size} people")
-        seat = conn.assigns.get("seat") if room in conn.rooms else None
-        conn.assigns["seat"] = seat = seat or next(seats)
+        app.hub.set_history(room, max_count=CHAT_SCAN, max_age=CHAT_MAX_AGE)
+        conn.assigns["seat"] = seat = next(seats)
         conn.assigns["name"] = state.name
         logger.info("%r joins %s (seat %d)", state.name, room, seat)
         return Meta(state.name, state.mic, state.cam, seat)
 
     @app.on("state")
     async def state(conn: tether.Conn, data: State) -> Meta:
-        room, member = _call_of(conn), app.hub.member_id(conn)
-        assert member is not None  # every call member has one
+        room = _call_of(conn)
         meta = Meta(data.name, data.mic, data.cam, conn.assigns["seat"])
         conn.assigns["name"] = data.name
-        await _set_presence(app, conn, room, member, meta)
-        await app.broadcast(room, "state", Update(member, meta))
+        try:
+            await app.hub.update(conn, room, meta)
+        except KeyError:  # left meanwhile
+            raise tether.ReplyError("not_in_call", "join a call first") from None
         return meta
 
     @app.on("signal")
@@ -174,30 +208,51 @@ def make_app(
         if (data.description is None) == (data.candidate is None):
             raise tether.ReplyError("bad_signal", "a signal carries either a description or a candidate")
         room = _call_of(conn)
-        target = _member(app, room, data.to)
-        if target is None or target is conn:
+        sender = app.hub.member_id(conn) or ""
+        target = _local(app, room, data.to) if data.to != sender else None
+        if target is None and data.to != sender:
+            target = await _away(app, away, room, data.to)
+        if target is None:
             raise tether.ReplyError("no_such_peer", f"{data.to!r} is not in this call")
         try:
-            await target.emit("signal", Relayed(app.hub.member_id(conn) or "", data.description, data.candidate))
+            await target.emit("signal", Relayed(sender, data.description, data.candidate))
         except tether.ConnectionClosed:
+            away.pop(data.to, None)
             raise tether.ReplyError("no_such_peer", f"{data.to!r} just left") from None
 
     @app.on("chat")
     async def chat(conn: tether.Conn, data: Say) -> Line:
         room = _call_of(conn)
-        line = chat_history.append(room, app.hub.member_id(conn) or "", conn.assigns["name"], data.text, _now_ms())
+        line = Line(secrets.token_urlsafe(9), app.hub.member_id(conn) or "", conn.assigns["name"], data.text, _now_ms())
         await app.broadcast(room, "chat", line)
         return line
 
     @app.on("history")
-    def history_(conn: tether.Conn) -> list[Line]:
-        return chat_history.lines(_call_of(conn))
+    async def history(conn: tether.Conn) -> list[Line]:
+        said = [data for _, type, data in await app.hub.recent(_call_of(conn), CHAT_SCAN) if type == "chat"]
+        return [msgspec.convert(data, Line) for data in said[-CHAT_LINES:]]
 
     @app.on("config")
     def config_(conn: tether.Conn) -> Config:
         return config
 
-    for type, data_type in (("state", Update), ("signal", Relayed), ("chat", Line)):
+    @app.on_connect
+    @app.on_resume
+    def watch(conn: tether.Conn) -> None:
+        conn.on_close(went_away)
+        member = app.hub.member_id(conn)  # resumed: until its `resume` puts it back in the
+        if member is not None:  # call, signals for it go through this connection
+            _keep(away, member, conn, window)
+
+    def went_away(conn: tether.Conn) -> None:
+        # Runs before tether takes the connection out of its rooms (close callbacks run in
+        # order, and the rooms' comes with the join): a signal finds the member one way or
+        # the other. A normal close (1000) ends the session: nobody will come back.
+        member = app.hub.member_id(conn)
+        if member is not None and conn.close_code != 1000 and window > 0:
+            _keep(away, member, conn, window)
+
+    for type, data_type in (("signal", Relayed), ("chat", Line)):
         app.emits(type, data_type)
     return app
 
@@ -209,24 +264,29 @@ def _call_of(conn: tether.Conn) -> str:
     raise tether.ReplyError("not_in_call", "join a call first")
 
 
-def _member(app: tether.App, room: str, member: str) -> tether.Conn | None:
-    """The connection of ``member`` in ``room`` on this process, if any."""
+def _local(app: tether.App, room: str, member: str) -> tether.Conn | None:
+    """The open connection of ``member`` in ``room`` on this process, if any."""
     for conn in app.hub.local(room):
         if app.hub.member_id(conn) == member:
             return conn
     return None
 
 
-async def _set_presence(app: tether.App, conn: tether.Conn, room: str, member: str, meta: Meta) -> None:
-    """Replace ``member``'s presence meta in place.
+async def _away(app: tether.App, away: dict[str, tuple[tether.Conn, float]], room: str, member: str) -> tether.Conn | None:
+    """The latest connection of ``member``, away but still listed in ``room``, if any."""
+    found = away.get(member)
+    if found is None or found[1] < time.monotonic():
+        return None
+    if all(listed.id != member for listed in await app.presence(room)):
+        return None  # its session ended, or it left this call
+    return found[0]
 
-    tether's presence has no update yet (join and leave only, and a second join is a no-op),
-    so the demo writes through the broker seam, then tells the call with its own ``state``
-    event. Leaving and re-joining instead would show everybody a leave and a join.
-    """
-    await app.hub.broker.put_member(room, member, msgspec.json.encode(meta))
-    if room not in conn.rooms:  # left (or closed) while we wrote: take the entry back out
-        await app.hub.broker.drop_member(room, member)
+
+def _keep(away: dict[str, tuple[tether.Conn, float]], member: str, conn: tether.Conn, window: float) -> None:
+    now = time.monotonic()
+    for stale in [m for m, (_, until) in away.items() if until < now]:
+        del away[stale]
+    away[member] = (conn, now + window)
 
 
 def _now_ms() -> int:

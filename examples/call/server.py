@@ -34,8 +34,9 @@ from .app import IceServer, make_app
 __all__ = ["STATIC", "build_site", "make_routes", "serve", "main"]
 
 STATIC = Path(__file__).parent / "static"
-#: Keepalive for the demo: a browser that vanished without a close frame leaves the call's
-#: presence within about ping_interval + ping_timeout.
+#: Keepalive for the demo: a browser that vanished without a close frame is noticed within
+#: about ping_interval + ping_timeout; its session then waits ``app.RESUME.window`` (30 s) for
+#: it to come back before it leaves the call's presence.
 SETTINGS: dict[str, Any] = {"ping_interval": 5.0, "ping_timeout": 5.0}
 
 

@@ -1,10 +1,16 @@
 // The call page (/call?room=<name>): camera and microphone, the tether connection, who is in
 // the call, one Peer per other participant, the chat and the controls.
 //
-// Each (re)connection joins the call afresh: tether gives it a new member id, so the page drops
-// the peer connections of its previous connection once the join reply is in and negotiates new
-// ones (video keeps flowing on the old ones until then). Presence is the join reply's list plus
-// the `presence` and `state` events after it (roster.js); chat lines merge by (epoch, seq).
+// The connection keeps a tether session (on by default): after a dropped socket the client
+// resumes it, and the page does nothing. It stays in the call under the same member id and
+// seat (the others see no leave/join), its peer connections carry on (video never went through
+// the server), and what it missed (chat lines, presence changes, signals) is replayed in order.
+// Only when the session is lost (`resumed: false`, a `session` gap: the server restarted, or
+// the socket was away longer than its window) does the page join again, under a new member id:
+// it then drops its old peer connections once the join reply is in and negotiates new ones.
+// A page that goes away ends its session (pagehide): the others see it leave at once, and a
+// reload joins afresh. Presence is a state plus tether's presence diffs (roster.js); chat
+// merges live lines and history replies by line id (chat.js).
 import { connect } from "/tether.js";
 import { ChatLog } from "./chat.js";
 import { fillIcons, icon } from "./icons.js";
@@ -17,6 +23,7 @@ import { watch } from "./status.js";
 const VIDEO = { width: { ideal: 640 }, height: { ideal: 360 }, frameRate: { ideal: 24 } };
 const NAME_KEY = "tether-call.name";
 const EARLY_SIGNALS = 500; // signals that beat our join reply, kept until it comes
+const WAIT = { timeout: null }; // a request's reply comes after a resume, or it fails with ConnectionLost
 
 const $ = (id) => document.getElementById(id);
 const room = new URLSearchParams(location.search).get("room") ?? "";
@@ -29,18 +36,22 @@ const call = {
   client: null,
   stream: null,
   iceServers: [],
-  myId: null, // our member id on the current connection, once its join reply is in
+  myId: null, // our member id in the call (the same across resumed reconnects), once joined
   myIds: new Set(), // every member id we had (to tell our own chat lines)
-  selfId: null, // our entry in the roster shown (kept while reconnecting)
-  generation: 0, // counts connections: replies for an older one are ignored
+  selfId: null, // our entry in the roster shown (kept while joining again)
+  session: 0, // counts tether sessions: replies for an older one are ignored
+  joining: false,
   roster: new Roster(),
   peers: new Map(), // member id -> Peer
   early: [], // signals received before the join reply
   held: null, // signals held back by hold() (tests: make offers cross)
   chat: new ChatLog(),
-  unsent: [], // chat texts waiting for a joined connection
+  unsent: [], // chat texts not yet said (sent one at a time, while in the call)
   sending: false,
   connectionLog: [],
+  resumes: [], // `resumed` of each reconnect: true (the session went on) or false (a new one)
+  gaps: [], // tether `gap` events: {room, reason}
+  presenceLog: [], // presence diffs received: {event, id}
   soundBlocked: false,
   left: false,
   hold() { call.held ??= []; },
@@ -64,14 +75,26 @@ async function start() {
   wireControls();
   new ResizeObserver(layout).observe($("grid"));
   render();
+  // No `persist`: a reload makes new RTCPeerConnections anyway, so the page ends its session
+  // when it goes away (the others see a leave at once, not a ghost for the resume window).
   const client = (call.client = connect("/ws", { backoff: { base: 0.5, cap: 8 } }));
   call.connectionLog = watch(client, $("conn"));
-  client.addEventListener("open", join);
-  client.addEventListener("close", disconnected);
-  client.on("presence", (diff) => changed(() => call.roster.apply(diff)));
-  client.on("state", ({ id, meta }) => changed(() => call.roster.apply({ event: "update", id, meta })));
+  client.addEventListener("open", opened);
+  client.addEventListener("resumed", ({ detail }) => {
+    call.resumes.push(detail.resumed);
+    if (!detail.resumed) newSession();
+  });
+  client.addEventListener("gap", ({ detail }) => missed(detail));
+  client.addEventListener("close", () => render());
+  client.on("presence", (diff, where) => {
+    if (where !== room) return;
+    call.presenceLog.push({ event: diff.event, id: diff.id });
+    changed(() => call.roster.apply(diff));
+  });
   client.on("signal", receiveSignal);
-  client.on("chat", (line) => addChat([line]));
+  client.on("chat", (line, where) => { if (where === room) addChat([line]); });
+  addEventListener("pagehide", () => { if (!call.left) client.close(); });
+  addEventListener("pageshow", (event) => { if (event.persisted) location.reload(); }); // back from the bfcache
 }
 
 async function openMedia() {
@@ -99,23 +122,55 @@ async function openMedia() {
 
 // -- the connection -----------------------------------------------------------------------------
 
+/** A connection is open: join the first time and after a new session; otherwise (resumed)
+ * the server kept us in the call, and only chat lines typed meanwhile may be waiting. */
+function opened() {
+  if (call.myId === null) join();
+  else flushChat();
+}
+
+/** The session is gone (with it our member id and our place in the call): join again. */
+function newSession() {
+  call.session += 1;
+  call.myId = null;
+  call.joining = false;
+  call.early = [];
+  call.roster.reset(); // shown as last known until the join reply
+  render();
+}
+
+/** A gap: messages that will never come. */
+function missed({ room: where, reason }) {
+  call.gaps.push({ room: where, reason });
+  if (where === room && reason === "session") return newSession();
+  if (where === room) return refresh(); // presence changes or chat lines we missed: fetch them
+  if (where === null) { // signals lost: negotiate every peer connection again
+    for (const peer of call.peers.values()) peer.restartIce();
+  }
+}
+
 async function join() {
-  const generation = ++call.generation;
+  if (call.joining) return;
+  call.joining = true;
+  const session = call.session;
   try {
     const [config, reply] = await Promise.all([
-      call.client.request("config"),
-      call.client.request("join", { room, meta: me }),
+      call.client.request("config", null, WAIT),
+      call.client.request("join", { room, meta: me }, WAIT),
     ]);
-    if (generation !== call.generation) return;
+    if (session !== call.session) return;
     call.iceServers = config.iceServers;
     call.myId = call.selfId = reply.id;
     call.myIds.add(reply.id);
     changed(() => call.roster.sync(reply.presence));
     for (const message of call.early.splice(0)) receiveSignal(message);
-    addChat(await call.client.request("history"));
+    call.joining = false;
     flushChat();
+    await loadHistory(session);
   } catch (error) {
-    if (error.name !== "ReplyError" || generation !== call.generation) return; // dropped: the next open joins
+    if (session !== call.session) return; // a new session: it joins again
+    call.joining = false;
+    if (error.name !== "ReplyError") return;
     if (error.code === "call_full") {
       call.client.close();
       end("This call is full.", error.message, { rejoin: true });
@@ -125,12 +180,21 @@ async function join() {
   }
 }
 
-function disconnected() {
-  call.generation += 1;
-  call.myId = null;
-  call.early = [];
-  call.roster.unsync();
-  render();
+/** After a gap in the call's stream: the presence list and the chat's history again. */
+async function refresh() {
+  const session = call.session;
+  call.roster.unsync(); // diffs from now on wait for the list
+  try {
+    const presence = await call.client.request("presence", { room }, WAIT);
+    if (session === call.session) changed(() => call.roster.sync(presence));
+    await loadHistory(session);
+  } catch { /* a new session: it joins again */ }
+}
+
+async function loadHistory(session) {
+  const mark = call.chat.mark();
+  const lines = await call.client.request("history", null, WAIT);
+  if (session === call.session && call.chat.merge(lines, mark)) renderChat();
 }
 
 /** Apply a presence change, then bring the peer connections and the page in line. */
@@ -167,8 +231,9 @@ function syncPeers() {
 }
 
 function sendSignal(from, to, signal) {
-  // Only on the connection the peer was made for: a later one has another member id.
-  if (from === call.myId && call.client.state === "open") call.client.send("signal", { to, ...signal });
+  // Only in the session the peer was made for (a new one has another member id). While the
+  // socket is down it waits in the client's outbox and goes out when the session resumes.
+  if (from === call.myId && !call.left) call.client.send("signal", { to, ...signal });
 }
 
 function receiveSignal(message) {
@@ -216,8 +281,13 @@ function rename(name) {
 
 function publishState() {
   render();
-  // Not joined: the next join carries `me`. A request lost with its socket: the same.
-  if (call.myId !== null) call.client.request("state", me).catch(() => {});
+  // Not in the call: the next join carries `me`. While the socket is down it waits for the resume.
+  const id = call.myId;
+  if (id === null) return;
+  call.client.request("state", me, WAIT).then(
+    (meta) => { if (id === call.myId) changed(() => call.roster.apply({ event: "update", id, meta })); },
+    () => {}, // a new session: its join carries `me`
+  );
 }
 
 function say(text) {
@@ -226,18 +296,20 @@ function say(text) {
   flushChat();
 }
 
-/** Send the waiting chat lines, one at a time, while joined (a request sent before the join
- * would reach the server before the join and be refused). */
+/** Say the waiting chat lines, one at a time, while in the call. While the socket is down a
+ * line waits in the client's outbox and goes out when the session resumes; a line that a new
+ * session cut off (it may or may not have been said) or that reached the server before our
+ * join again is sent once we are back in the call. */
 async function flushChat() {
   if (call.sending) return;
   call.sending = true;
   try {
-    while (call.myId !== null && call.unsent.length > 0) {
+    while (call.myId !== null && call.unsent.length > 0 && !call.left) {
       try {
-        addChat([await call.client.request("chat", { text: call.unsent[0] })]);
+        addChat([await call.client.request("chat", { text: call.unsent[0] }, WAIT)]);
       } catch (error) {
-        if (error.name !== "ReplyError") break; // the socket dropped: the next join sends it
-        notice(error.message);
+        if (error.name !== "ReplyError" || error.code === "not_in_call") break; // after the next join
+        notice(error.message); // refused: dropped
       }
       call.unsent.shift();
     }
@@ -409,7 +481,7 @@ function renderControls() {
 function renderChat() {
   const list = $("chat-lines");
   const stick = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
-  const lines = call.chat.lines.map((line) => ({ key: `${line.epoch}:${line.seq}`, line }));
+  const lines = call.chat.lines.map((line) => ({ key: `line:${line.id}`, line }));
   const unsent = call.unsent.map((text, index) => ({ key: `unsent:${index}:${text}`, line: { name: me.name, text, from: "me" } }));
   keyed(list, [...lines, ...unsent].map((entry) => [entry.key, entry.line]), () => newLine(), (item, [key, line]) => {
     const mine = line.from === "me" || call.myIds.has(line.from);
@@ -472,6 +544,7 @@ function end(title, text, { rejoin = true } = {}) {
 function summary() {
   return {
     myId: call.myId,
+    session: call.session,
     connection: call.client?.state ?? null,
     roster: call.roster.entries().map(([id, meta]) => ({ id, ...meta })),
     peers: [...call.peers.values()].map((peer) => ({ id: peer.id, polite: peer.polite, state: peer.state, stats: { ...peer.stats } })),

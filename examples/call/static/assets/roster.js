@@ -1,11 +1,12 @@
 // Who is in the call: tether presence as a state plus diffs, applied in order (like phoenix's
 // Presence.syncState / syncDiff). Pure: no DOM, no network.
 //
-// The state is the presence list of a `join` reply. Diffs are tether's `presence` events
-// ({event: "join" | "leave", id, meta}) and the demo's `state` events ({id, meta}), which it
-// feeds in as {event: "update", id, meta}. Diffs that arrive while no state is known (between a
-// (re)connect and its join reply) wait and are applied on top of the state once it comes, so a
-// member who joined or left meanwhile is neither lost nor resurrected.
+// The state is a presence list (a `join` reply's, or a `presence` request's after a gap). Diffs
+// are tether's `presence` events ({event: "join" | "update" | "leave", id, meta}), in the room's
+// stream order (a resumed reconnect replays the ones it missed). Diffs that arrive while no
+// state is known (between a new session and its join reply) wait and are applied on top of
+// the state once it comes: every diff sets or removes one member, so applying a run of diffs
+// that started before the state was read still ends where the stream is.
 
 export class Roster {
   #members = new Map(); // member id -> meta {name, mic, cam, seat}
@@ -18,12 +19,19 @@ export class Roster {
   /** True once a state arrived and until `unsync()`. */
   get synced() { return this.#pending === null; }
 
-  /** Forget the state (a new connection has new member ids): diffs now wait for `sync`. */
+  /** Stop trusting the state (diffs were missed): diffs now wait for `sync` (those waiting
+   * already keep waiting). */
   unsync() {
+    this.#pending ??= [];
+  }
+
+  /** A new session: the diffs waiting belong to the old one (the new state has them, or
+   * newer), so they are dropped; the next ones wait for `sync`. */
+  reset() {
     this.#pending = [];
   }
 
-  /** Take the presence list of a join reply as the state, then apply the waiting diffs. */
+  /** Take a presence list as the state, then apply the waiting diffs. */
   sync(presence) {
     this.#members = new Map(presence.map(({ id, meta }) => [id, meta]));
     const pending = this.#pending ?? [];
