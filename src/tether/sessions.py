@@ -82,6 +82,9 @@ class Saved(msgspec.Struct, array_like=True):
     assigns: dict[str, Any]
     identity: Any
     resumed: int
+    #: Grows by one with every save, wherever it happens: a store takes a save only if it
+    #: follows the copy it has (version - 1), so two processes cannot both hold the session.
+    version: int
 
 
 _saved = msgspec.msgpack.Decoder(Saved)
@@ -93,7 +96,7 @@ class Session:
 
     __slots__ = (
         "id", "token", "settings", "inbound", "direct", "rooms", "member", "assigns", "identity", "conn", "live",
-        "in_flight", "_expiry", "_ack_timer", "resumed", "ended",
+        "in_flight", "_expiry", "_ack_timer", "resumed", "ended", "version", "saving",
     )
 
     def __init__(self, settings: Resume) -> None:
@@ -120,6 +123,10 @@ class Session:
         self.resumed = 0
         #: True once it expired (or the App shut down): nothing can reach its client any more.
         self.ended = False
+        #: Saves so far, across every process that held it (see :class:`Saved`).
+        self.version = 0
+        #: One save at a time (each one is the next version of the one before).
+        self.saving = asyncio.Lock()
         self._expiry: asyncio.TimerHandle | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
 
@@ -200,8 +207,9 @@ class Session:
         self._expiry = loop.call_later(self.settings.window, on_expiry, self)
 
     # -- across processes --------------------------------------------------------------------
-    def save(self, node: str | None) -> bytes:
-        """The state another process needs to resume this session (``node``: where it is held)."""
+    def save(self, node: str | None, version: int) -> bytes:
+        """The state another process needs to resume this session (``node``: where it is
+        held; ``version``: this save's number, see :class:`Saved`)."""
         identity = self.identity
         if isinstance(identity, Identity):
             identity = {"subject": identity.subject, "expires_at": identity.expires_at, "claims": identity.claims}
@@ -209,6 +217,7 @@ class Session:
             self.id, self.token, node, self.inbound.last, self.direct.seq, self.direct.acked,
             list(self.direct.entries), {r: (m.meta, m.presence) for r, m in self.rooms.items()},
             self.member, _encodable(self.assigns), _encodable({"identity": identity}).get("identity"), self.resumed,
+            version,
         )
         return _encode(saved)
 
@@ -225,6 +234,7 @@ class Session:
             session.direct.keep(seq, payload)
         session.rooms = {room: Membership(meta, presence) for room, (meta, presence) in saved.rooms.items()}
         session.member = saved.member
+        session.version = saved.version
         session.assigns = dict(saved.assigns)
         identity = saved.identity
         if isinstance(identity, dict) and "subject" in identity:
@@ -243,15 +253,15 @@ class Session:
 class SessionStore(Protocol):
     """Where sessions wait for another process (a :class:`tether.Broker`'s session methods)."""
 
-    async def save_session(self, token: str, blob: bytes, ttl: float) -> None: ...
+    async def save_session(self, token: str, blob: bytes, ttl: float, version: int) -> bool: ...
     async def load_session(self, token: str) -> bytes | None: ...
     async def delete_session(self, token: str) -> None: ...
     async def release_session(self, node: str, token: str, wait: float) -> None: ...
 
 
 class _NoStore:
-    async def save_session(self, token: str, blob: bytes, ttl: float) -> None:
-        pass
+    async def save_session(self, token: str, blob: bytes, ttl: float, version: int) -> bool:
+        return True
 
     async def load_session(self, token: str) -> bytes | None:
         return None
@@ -276,7 +286,7 @@ class Sessions:
         self._by_token: dict[str, Session] = {}
         self._store: SessionStore = _NoStore()
         self._node: str | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
         #: Called with a session whose window passed without a resume (its rooms are left).
         self.on_expiry: Callable[[Session], None] = lambda session: None
         #: Called with a session another process took (its rooms are forgotten here, no leave).
@@ -295,13 +305,11 @@ class Sessions:
         """The session of a new connection: ``(session, resumed)``.
 
         A known token resumes its session: held here (taking it over from a connection that
-        still holds it, which is closed with 4009), or saved by another process (asked to let
-        go first if it still holds it). An unknown or expired token, a session of another
-        identity, or none, starts a new session.
+        still holds it, which is closed with 4009), or held by another process (asked to let
+        go first). An unknown or expired token, a session of another identity, or none,
+        starts a new session.
         """
-        session = self._by_token.get(token) if token else None
-        if session is None and token:
-            session = await self._fetch(token)
+        session = await self._take(token) if token else None
         if session is not None and _same_identity(session.identity, conn.identity):
             old = session.conn
             if old is not None and old is not conn:
@@ -310,43 +318,85 @@ class Sessions:
             session.resumed += 1
             session.attach(conn)
             session.live = False  # until the welcome and the replay (App._welcome)
-            self._keep(session)
             return session, True
         session = Session(self.settings)
         self._by_token[session.token] = session
         session.attach(conn)
-        self._keep(session)
+        await self._save(session, self._node)
         return session, False
 
-    async def _fetch(self, token: str) -> Session | None:
-        """A session saved by another process, after it let go of it."""
-        blob = await self._store.load_session(token)
-        if blob is None:
-            return None
-        saved = _saved.decode(blob)
-        if saved.node is not None and saved.node != self._node:
-            # Held there (attached, or detached with handlers maybe still running): ask it to
-            # finish and let go, then take what it saved.
-            await self._store.release_session(saved.node, token, RELEASE_TIMEOUT)
+    async def _take(self, token: str) -> Session | None:
+        """The session ``token`` names, held by this process from now on, or None.
+
+        The store is the judge of who holds a session: its newest saved copy names the holder
+        and a version that grows with every save. We ask the holder to let go (it saves one
+        last time), then claim the copy with a save that only succeeds if nobody saved in
+        between; losing that race, we look again (a few times, then give up: a new session is
+        an explicit ``resumed: false``, two holders would be silent loss).
+        """
+        local = self._by_token.get(token)
+        if self._node is None:  # sessions stay in this process
+            return local
+        for _ in range(4):
             blob = await self._store.load_session(token)
             if blob is None:
-                return None
-        session = Session.restore(blob, self.settings)
-        self._by_token[token] = session
-        await self.on_adopted(session)
-        return session
+                return local  # the store lost it (a Redis restart): what we hold is all there is
+            saved = _saved.decode(blob)
+            if saved.node is not None and saved.node != self._node:
+                await self._store.release_session(saved.node, token, RELEASE_TIMEOUT)
+                continue  # read again what it saved
+            if local is not None and local.version == saved.version:
+                candidate, adopted = local, False  # we hold the newest copy
+            else:
+                if local is not None:  # ours is stale: another process held it since
+                    self._forget(local)
+                    local = None
+                candidate, adopted = Session.restore(blob, self.settings), True
+            if await self._save(candidate, self._node):
+                self._by_token[token] = candidate
+                if adopted:
+                    await self.on_adopted(candidate)
+                return candidate
+        logger.warning("could not take over a session another process kept changing; starting a new one")
+        return None
+
+    async def _save(self, session: Session, node: str | None) -> bool:
+        """Save the session as held by ``node``, if nobody saved it since we last did (or read
+        it); False means another process holds it now."""
+        if self._node is None:
+            return True
+        async with session.saving:
+            version = session.version + 1
+            blob = session.save(node, version)
+            ttl = self.settings.window + RELEASE_TIMEOUT
+            if await self._store.save_session(session.token, blob, ttl, version):
+                session.version = version
+                return True
+            return False
 
     def _keep(self, session: Session) -> None:
-        """Save the session as held here (in the background: it does not delay the welcome)."""
+        """Save a detached session (in the background); if another process took it meanwhile,
+        forget our copy."""
         if self._node is None:
             return
-        blob = session.save(self._node)
-        ttl = self.settings.window + RELEASE_TIMEOUT
-        task = asyncio.get_running_loop().create_task(self._store.save_session(session.token, blob, ttl))
+        task = asyncio.get_running_loop().create_task(self._keep_or_forget(session))
         self._tasks.add(task)
         task.add_done_callback(self._saved)
 
-    def _saved(self, task: asyncio.Task[None]) -> None:
+    async def _keep_or_forget(self, session: Session) -> None:
+        if not await self._save(session, self._node):
+            self._forget(session)
+
+    def _forget(self, session: Session) -> None:
+        """Another process holds ``session`` now: drop our copy, without leaving its rooms."""
+        if self._by_token.get(session.token) is session:
+            del self._by_token[session.token]
+        session.end()
+        task: asyncio.Future[None] = asyncio.ensure_future(self.on_moved(session))
+        self._tasks.add(task)
+        task.add_done_callback(self._saved)
+
+    def _saved(self, task: asyncio.Future[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.warning("could not save a session for other processes: %r", task.exception())
@@ -364,19 +414,33 @@ class Sessions:
 
     async def release(self, token: str) -> None:
         """Another process resumes ``token``: close its connection here, let handlers still
-        running finish (bounded), save it, and forget it here."""
+        running finish (bounded), save it as held by nobody, and forget it here."""
         session = self._by_token.get(token)
         if session is None:
+            await self._disown(token)
             return
         conn = session.conn
         if conn is not None:
             conn.start_close(4009, "session resumed elsewhere")
         if session.in_flight:  # their replies are the session's: let them land first
             await asyncio.wait(list(session.in_flight), timeout=RELEASE_TIMEOUT / 2)
+        if self._by_token.get(token) is not session:
+            return  # let go meanwhile
+        await self._save(session, None)
         self._by_token.pop(token, None)
         session.end()
-        await self._store.save_session(token, session.save(None), self.settings.window + RELEASE_TIMEOUT)
         await self.on_moved(session)
+
+    async def _disown(self, token: str) -> None:
+        """The store says we hold ``token`` but we let it go already: say so, or the asker
+        would wait for us for ever."""
+        blob = await self._store.load_session(token)
+        if blob is None:
+            return
+        saved = _saved.decode(blob)
+        if saved.node == self._node:
+            session = Session.restore(blob, self.settings)
+            await self._save(session, None)
 
     def discard(self, session: Session) -> None:
         """Forget a session at once (its first connection was refused)."""

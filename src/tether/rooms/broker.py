@@ -148,8 +148,11 @@ class Broker(abc.ABC):
     # -- sessions across processes (tether.sessions) -------------------------------------
     # A session lives in the process that holds its connection; these let a client resume
     # it in another process. Brokers that do not share sessions keep none (the defaults).
-    async def save_session(self, token: str, blob: bytes, ttl: float) -> None:  # noqa: B027
-        """Keep a session's state for ``ttl`` seconds, readable by every process."""
+    async def save_session(self, token: str, blob: bytes, ttl: float, version: int) -> bool:
+        """Keep a session's state for ``ttl`` seconds, readable by every process, if it is the
+        next ``version`` of what the store has (or the first): True; else keep nothing, False
+        (another process saved it since: it holds the session)."""
+        return True
 
     async def load_session(self, token: str) -> bytes | None:
         """The state saved under ``token``, or None."""
@@ -178,7 +181,7 @@ class MemoryBus:
         self.history = history if history is not None else History()
         self.settings: dict[str, History] = {}  # per-room history bounds
         self.budget = HistoryBudget(max_history_bytes)
-        self.sessions: dict[str, tuple[bytes, float]] = {}  # token -> (state, expires at)
+        self.sessions: dict[str, tuple[bytes, float, int]] = {}  # token -> (state, expires at, version)
         self.nodes: dict[str, MemoryBroker] = {}  # node -> its broker (for release requests)
 
     def stream(self, room: str) -> RoomLog:
@@ -296,8 +299,14 @@ class MemoryBroker(Broker):
         return log.read(after, time.monotonic(), limit=limit)
 
     # -- sessions ---------------------------------------------------------------------------
-    async def save_session(self, token: str, blob: bytes, ttl: float) -> None:
-        self.bus.sessions[token] = (blob, time.monotonic() + ttl)
+    async def save_session(self, token: str, blob: bytes, ttl: float, version: int) -> bool:
+        kept = self.bus.sessions.get(token)
+        now = time.monotonic()
+        current = kept[2] if kept is not None and kept[1] > now else 0
+        if current != version - 1:
+            return False
+        self.bus.sessions[token] = (blob, now + ttl, version)
+        return True
 
     async def load_session(self, token: str) -> bytes | None:
         found = self.bus.sessions.get(token)

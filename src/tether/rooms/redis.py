@@ -82,7 +82,7 @@ except ImportError as exc:  # pragma: no cover - exercised by tests with redis h
 
 from ..proto.backoff import Backoff
 from ..proto.resume import EPOCH, LOST, Gap
-from .broker import Broker, Deliver, History
+from .broker import Broker, Deliver, History, Release
 
 __all__ = ["RedisBroker", "LinkState", "Track"]
 
@@ -504,6 +504,10 @@ class RedisBroker(Broker):
         self._session_over = False
         self._first: asyncio.Future[None] | None = None
         self._backoff = Backoff(base=backoff_base, cap=backoff_cap, stable_after=heartbeat_interval)
+        # Sessions (tether.sessions): release requests from other processes, and ours waiting.
+        self._release_handlers: list[Release] = []
+        self._releases: dict[bytes, asyncio.Future[None]] = {}
+        self._release_tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"<RedisBroker {_redact(self.url)} {self.state.name}>"
@@ -525,6 +529,12 @@ class RedisBroker(Broker):
     def _stream_keys(self, room: str) -> list[str]:
         return [self._key(room, "meta"), self._key(room, "stream")]
 
+    def _node_channel(self, node: str) -> bytes:
+        return f"{self.prefix}:node:{node}".encode()
+
+    def _session_key(self, token: str) -> str:
+        return f"{self.prefix}:session:{token}"
+
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self, node: str, deliver: Deliver) -> None:
         """Connect; returns after the first attempt (connected or not: then it retries)."""
@@ -537,7 +547,7 @@ class RedisBroker(Broker):
             client_name=f"{self.prefix}:{node}",
         )
         self._drop_gone = self._client.register_script(_DROP_GONE)
-        for name, body in (("publish", _PUBLISH), ("position", _POSITION), ("history", _HISTORY)):
+        for name, body in (("publish", _PUBLISH), ("position", _POSITION), ("history", _HISTORY), ("save_session", _SAVE_SESSION)):
             self._scripts[name] = self._client.register_script(body)
         loop = asyncio.get_running_loop()
         self._first = loop.create_future()
@@ -721,6 +731,9 @@ class RedisBroker(Broker):
 
     def _on_publication(self, channel: bytes, data: bytes) -> None:
         room = self._rooms.get(channel)
+        if room is None and channel == self._node_channel(self._node):
+            self._on_node_message(data)
+            return
         if room is None or self._deliver is None:
             return
         self.received += 1
@@ -1121,6 +1134,71 @@ class RedisBroker(Broker):
         self._bounds[room] = history
         self._args.pop(room, None)
 
+    # -- sessions (tether.sessions): state in a key, release requests on the node channels ----
+    async def save_session(self, token: str, blob: bytes, ttl: float, version: int) -> bool:
+        key = self._session_key(token)
+        try:
+            saved = await self._scripts["save_session"](keys=[key, key + ":v"], args=[blob, version, max(1, int(ttl * 1000))])
+        except _ERRORS as exc:
+            logger.warning("could not save a session in Redis (%s): it can resume in this process only", exc)
+            return True  # Redis away: we are all there is
+        return bool(saved)
+
+    async def load_session(self, token: str) -> bytes | None:
+        try:
+            blob = await self._client.get(self._session_key(token))
+        except _ERRORS as exc:
+            logger.warning("could not read a session from Redis (%s)", exc)
+            return None
+        return bytes(blob) if blob is not None else None
+
+    async def delete_session(self, token: str) -> None:
+        try:
+            key = self._session_key(token)
+            await self._client.delete(key, key + ":v")
+        except _ERRORS as exc:
+            logger.debug("could not delete a session from Redis (%s); it expires by itself", exc)
+
+    async def release_session(self, node: str, token: str, wait: float) -> None:
+        """Publish ``release <token> <our node> <request>`` on ``node``'s channel and wait
+        for ``released <request>`` on ours (at most ``wait`` seconds: a dead node never answers)."""
+        request = secrets.token_hex(6).encode()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._releases[request] = future
+        try:
+            message = b" ".join((b"release", token.encode(), self._node.encode(), request))
+            await self._client.publish(self._node_channel(node), message)
+            await asyncio.wait_for(future, wait)
+        except (TimeoutError, *_ERRORS):
+            logger.info("node %s did not release session in time; resuming from what it saved", node)
+        finally:
+            self._releases.pop(request, None)
+
+    def on_release(self, handler: Release) -> None:
+        self._release_handlers.append(handler)
+
+    def _on_node_message(self, data: bytes) -> None:
+        parts = data.split(b" ")
+        if parts[0] == b"release" and len(parts) == 4:
+            task = asyncio.get_running_loop().create_task(self._release(parts[1].decode(), parts[2].decode(), parts[3]))
+            self._release_tasks.add(task)
+            task.add_done_callback(self._release_tasks.discard)
+        elif parts[0] == b"released" and len(parts) == 2:
+            future = self._releases.get(parts[1])
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    async def _release(self, token: str, requester: str, request: bytes) -> None:
+        try:
+            for handler in list(self._release_handlers):
+                await handler(token)
+        except Exception:
+            logger.exception("releasing a session failed")
+        try:
+            await self._client.publish(self._node_channel(requester), b"released " + request)
+        except _ERRORS as exc:
+            logger.debug("could not answer a release request (%s)", exc)
+
     async def put_member(self, room: str, member: str, meta: bytes) -> None:
         return await self._put_member(room, member, meta)
 
@@ -1194,6 +1272,19 @@ class RedisBroker(Broker):
             keys = [self._nodes(room), *(self._hash(room, node.decode()) for node in gone)]
             await self._drop_gone(keys=keys, args=gone)
         return found
+
+
+# Keep a session's state only if it follows the copy kept (version - 1; none kept: 0): two
+# processes cannot both take a session, and a late save of one that let it go changes nothing.
+_SAVE_SESSION = """
+local kept = tonumber(redis.call('GET', KEYS[2]) or '0')
+if kept ~= tonumber(ARGV[2]) - 1 then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
 
 
 def _redact(url: str) -> str:
