@@ -13,13 +13,13 @@ import time
 from typing import Any
 
 import pytest
-
-import tether
 from chaos_proxy import ChaosProxy
 from conftest import timeout
+
+import tether
+from tests.redis_fixture import RedisServer, redis_server  # noqa: F401  (fixture)
 from tether.proto.backoff import Backoff
 from tether.redis_broker import RedisBroker
-from tests.redis_fixture import RedisServer, redis_server  # noqa: F401  (fixture)
 
 BROADCASTS = 10_000
 MESSAGES = 10_000
