@@ -126,7 +126,7 @@ async def join(browser: Browser, server: DemoServer, name: str, *, base: str | N
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
     page.errors, page.console = errors, console  # type: ignore[attr-defined]
-    await page.goto(f"{base}/call?room={ROOM}")
+    await page.goto(f"{base}/call/{ROOM}")
     return page
 
 
@@ -484,7 +484,7 @@ PURE_MODULES = """async () => {
         status: [describe("connected", null, 0), describe("reconnecting", 2500, 0), describe("reconnecting", 100, 200),
                  describe("offline", null, 0), describe("connecting", null, 0)],
         grid: [bestGrid(2, 890, 544), bestGrid(1, 890, 544), bestGrid(4, 890, 544)].map((g) => [g.cols, g.rows]),
-        rooms: [toRoomName(" Team Sync! "), toRoomName("http://x/call?room=amber-otter-4821"), toRoomName("a"),
+        rooms: [toRoomName(" Team Sync! "), toRoomName("http://x/call/amber-otter-4821"), toRoomName("http://x/call?room=amber-otter-4821"), toRoomName("a"),
                 ROOM_NAME.test(randomRoom())],
         initials: [initials("Ada Lovelace"), initials("grace"), initials("Alan M Turing")],
     };
@@ -508,5 +508,5 @@ async def test_page_modules_merge_presence_and_chat_in_order(server):
     assert result["restarted"] == ["x", "y", "z"]
     assert result["status"] == ["Connected", "Reconnecting in 3 s", "Reconnecting…", "Offline", "Connecting…"]
     assert result["grid"] == [[2, 1], [1, 1], [2, 2]]
-    assert result["rooms"] == ["team-sync", "amber-otter-4821", None, True]
+    assert result["rooms"] == ["team-sync", "amber-otter-4821", "amber-otter-4821", None, True]
     assert result["initials"] == ["AL", "GR", "AT"]

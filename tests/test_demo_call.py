@@ -31,7 +31,7 @@ from rawws import http_get
 
 import tether
 from examples.call.app import CHAT_LINES, IceServer, make_app
-from examples.call.server import build_site, make_routes
+from examples.call.server import PAGES, build_site, make_routes
 from tests.cut_proxy import CutProxy
 
 ROOM = "amber-otter-4821"
@@ -114,7 +114,7 @@ def demo_routes(**app_settings: Any) -> tuple[dict[str, tether.Handler], tether.
 async def demo(tmp_path: Path) -> AsyncIterator[tether.Server]:
     site = build_site(tmp_path / "site")
     routes, app = demo_routes()
-    async with tether.serve(routes, "127.0.0.1", 0, static_dir=site) as server:
+    async with tether.serve(routes, "127.0.0.1", 0, static_dir=site, pages=PAGES) as server:
         server.gone = Gone(app)  # type: ignore[attr-defined]
         yield server
 
@@ -544,7 +544,7 @@ async def test_server_config_gives_the_ice_servers(members):
     ("path", "marker"),
     [
         ("/", b"Start a new call"),
-        ("/call?room=amber-otter-4821", b'src="/assets/call.js"'),
+        ("/call/amber-otter-4821", b'src="/assets/call.js"'),
         ("/assets/call.js", b'from "/tether.js"'),
         ("/assets/app.css", b".tile"),
         ("/hello", b"Getting Started with WebSockets in Go"),

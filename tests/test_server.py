@@ -434,3 +434,18 @@ async def test_server_send_to_client_not_reading_blocks_and_memory_stays_bounded
         await done
     assert sent == bound
     await ws.aclose()
+
+
+async def test_server_pages_serve_one_file_for_every_path_under_a_prefix(make_server: ServerFactory, tmp_path: Path) -> None:
+    (tmp_path / "call").mkdir()
+    (tmp_path / "call" / "index.html").write_bytes(b"<p>call page</p>")
+    (tmp_path / "call" / "real.txt").write_bytes(b"a file of its own")
+    server = await make_server({"/socket": echo}, static_dir=tmp_path, pages={"/call/": "call/index.html"})
+    for path, status, body in [
+        ("/call/amber-otter-1", 200, b"<p>call page</p>"),
+        ("/call/a/b", 200, b"<p>call page</p>"),
+        ("/call/real.txt", 200, b"a file of its own"),
+        ("/other/x", 404, None),
+    ]:
+        got_status, _, got_body = await http_get(server.port, path)
+        assert got_status == status and (body is None or got_body == body), path

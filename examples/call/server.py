@@ -2,7 +2,7 @@
 
     python -m examples.call.server [--host 127.0.0.1] [--port 8000] [--ice-servers JSON]
 
-- ``/``: start a call (a random name) or join one; ``/call?room=<name>``: the call itself.
+- ``/``: start a call (a random name) or join one; ``/call/<name>``: the call itself.
 - ``/ws``: the call app (``examples/call/app.py``).
 - ``/hello``, ``/socket``, ``/typed``, ``/chat``: the tutorial's conversation (``examples/hello``).
 
@@ -38,6 +38,8 @@ STATIC = Path(__file__).parent / "static"
 #: about ping_interval + ping_timeout; its session then waits ``app.RESUME.window`` (30 s) for
 #: it to come back before it leaves the call's presence.
 SETTINGS: dict[str, Any] = {"ping_interval": 5.0, "ping_timeout": 5.0}
+#: A call is a link: /call/<room> is the call page, which reads the room from the address.
+PAGES = {"/call/": "call/index.html"}
 
 
 def make_routes(*, ice_servers: list[IceServer] | None = None) -> dict[str, tether.Handler]:
@@ -48,8 +50,8 @@ def make_routes(*, ice_servers: list[IceServer] | None = None) -> dict[str, teth
 def build_site(directory: Path) -> Path:
     """Put the demo's pages into ``directory``: the call app's, and the tutorial's as ``/hello``.
 
-    A tether server serves one ``static_dir`` (and no path patterns), so the two examples'
-    pages are copied side by side; ``directory`` must not exist yet. Returns ``directory``.
+    A tether server serves one ``static_dir``, so the two examples' pages are copied side by
+    side; ``directory`` must not exist yet. Returns ``directory``.
     """
     shutil.copytree(STATIC, directory)
     shutil.copytree(HELLO_STATIC, directory / "hello")
@@ -63,7 +65,7 @@ async def serve(
     with tempfile.TemporaryDirectory(prefix="tether-demo-") as tmp:
         site = build_site(Path(tmp) / "site")
         routes = make_routes(ice_servers=ice_servers)
-        async with tether.serve(routes, host, port, static_dir=site, **SETTINGS) as server:
+        async with tether.serve(routes, host, port, static_dir=site, pages=PAGES, **SETTINGS) as server:
             if ready is not None:
                 ready(server.port)
             stop = asyncio.Event()

@@ -81,10 +81,17 @@ def check_upgrade(request: Request) -> HttpResponse | None:
 
 
 class StaticFiles:
-    """GET answers: ``/health``, the browser client, and files under ``directory``."""
+    """GET answers: ``/health``, the browser client, and files under ``directory``.
 
-    def __init__(self, directory: str | Path | None) -> None:
+    ``pages`` maps a path prefix to one file of ``directory`` served for every path under it
+    that is no file of its own (``{"/call/": "call/index.html"}``: ``/call/<room>`` is a
+    page that reads its room from the address, as single-page apps do).
+    """
+
+    def __init__(self, directory: str | Path | None, pages: Mapping[str, str] | None = None) -> None:
         self.directory = Path(directory).resolve() if directory is not None else None
+        # Longest prefix first, so "/a/b/" wins over "/a/".
+        self.pages = sorted((pages or {}).items(), key=lambda item: -len(item[0]))
 
     def get(self, path: str) -> HttpResponse:
         if path == "/health":
@@ -99,6 +106,11 @@ class StaticFiles:
                 target = target / "index.html"
             if target.is_relative_to(self.directory) and target.is_file():
                 return _file_response(target.name, target.read_bytes())
+            for prefix, page in self.pages:
+                if name.startswith(prefix):
+                    target = (self.directory / page).resolve()
+                    if target.is_relative_to(self.directory) and target.is_file():
+                        return _file_response(target.name, target.read_bytes())
         return NOT_FOUND
 
 

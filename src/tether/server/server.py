@@ -58,6 +58,7 @@ class Server:
         routes: Handler | Routes,
         *,
         static_dir: str | Path | None = None,
+        pages: Mapping[str, str] | None = None,
         allowed_origins: Iterable[str] | None = None,
         # Limits
         max_message_size: int | None = 1 << 20,
@@ -85,7 +86,7 @@ class Server:
         drain_delay: float = 0.0,
     ) -> None:
         self.routes: dict[str, Handler] = dict(routes) if isinstance(routes, Mapping) else {"/": routes}
-        self.files = StaticFiles(static_dir)
+        self.files = StaticFiles(static_dir, pages)
         self.shutdown_timeout = shutdown_timeout
         self.shutdown_spread = shutdown_spread
         #: Seconds ``/ready`` answers 503 at the start of :meth:`close` before connections close.

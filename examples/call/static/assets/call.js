@@ -1,4 +1,4 @@
-// The call page (/call?room=<name>): camera and microphone, the tether connection, who is in
+// The call page (/call/<name>): camera and microphone, the tether connection, who is in
 // the call, one Peer per other participant, the chat and the controls.
 //
 // The connection keeps a tether session (on by default): after a dropped socket the client
@@ -15,7 +15,7 @@ import { connect } from "/tether.js";
 import { ChatLog } from "./chat.js";
 import { fillIcons, icon } from "./icons.js";
 import { bestGrid } from "./layout.js";
-import { ROOM_NAME, callLink, initials, randomName } from "./names.js";
+import { ROOM_NAME, callLink, initials, randomName, roomOf } from "./names.js";
 import { Peer } from "./peer.js";
 import { Roster, isPolite } from "./roster.js";
 import { watch } from "./status.js";
@@ -26,7 +26,7 @@ const EARLY_SIGNALS = 500; // signals that beat our join reply, kept until it co
 const WAIT = { timeout: null }; // a request's reply comes after a resume, or it fails with ConnectionLost
 
 const $ = (id) => document.getElementById(id);
-const room = new URLSearchParams(location.search).get("room") ?? "";
+const room = roomOf(location);
 const me = { name: (localStorage.getItem(NAME_KEY) || randomName()).slice(0, 40), mic: true, cam: true };
 
 /** Everything the page knows; `window.call` for the curious (and the tests). */
@@ -66,7 +66,7 @@ window.call = call;
 
 fillIcons();
 if (ROOM_NAME.test(room)) start();
-else end("This is not a call link.", "Call links look like /call?room=amber-otter-4821. Start one from the home page.", { rejoin: false });
+else end("This is not a call link.", "Call links look like /call/amber-otter-4821. Start one from the home page.", { rejoin: false });
 
 async function start() {
   $("room-name").textContent = room;

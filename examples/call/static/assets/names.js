@@ -34,14 +34,21 @@ export function initials(name) {
   return (words.length > 1 ? words[0][0] + words.at(-1)[0] : (words[0] ?? "?").slice(0, 2)).toUpperCase();
 }
 
-/** The link of a call, e.g. http://127.0.0.1:8000/call?room=amber-otter-4821. */
+/** The link of a call, e.g. http://127.0.0.1:8000/call/amber-otter-4821. */
 export function callLink(room, origin = location.origin) {
-  return `${origin}/call?room=${encodeURIComponent(room)}`;
+  return `${origin}/call/${encodeURIComponent(room)}`;
+}
+
+/** The room of a call page's address: /call/<room> (or an older /call?room=<room>). */
+export function roomOf({ pathname, search }) {
+  const path = pathname.match(/^\/call\/([^/]+)\/?$/);
+  if (path) return decodeURIComponent(path[1]);
+  return new URLSearchParams(search).get("room") ?? "";
 }
 
 /** What a user typed (a name like "Team Sync!" or a pasted link) as a call name, or null. */
 export function toRoomName(text) {
-  const link = text.match(/[?&]room=([^&#\s]+)/); // a pasted link
+  const link = text.match(/\/call\/([^/?#\s]+)/) ?? text.match(/[?&]room=([^&#\s]+)/); // a pasted link
   const words = link ? decodeURIComponent(link[1]) : text;
   const name = words.trim().toLowerCase().replace(/[^a-z0-9]+/g, "-").slice(0, 64).replace(/^-+|-+$/g, "");
   return ROOM_NAME.test(name) ? name : null;
