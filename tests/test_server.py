@@ -9,10 +9,10 @@ import socket
 from pathlib import Path
 
 import pytest
-
-import tether
 from conftest import ServerFactory, assert_serves, echo, timeout, url
 from rawws import OP_BINARY, OP_PING, OP_PONG, OP_TEXT, RawWS, http_get
+
+import tether
 
 # -- echo and iteration ------------------------------------------------------------------
 
