@@ -63,10 +63,6 @@ def test_one_process_holds_50k_connections_with_heartbeats_and_trickle(capsys: p
     assert r["rss_growth_pct"] < 10, f"RSS per connection grew while held: {r['series']}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tether.wheel: while the wheel fires, the first connection it reschedules arms the timer for "
-    "its new slot (an interval later) and buckets due sooner wait for it; the soak sees pings up "
-    "to two intervals apart. Fix in _Wheel._fire: re-arm when self._slots[0] < self._armed"))
 async def test_wheel_fires_an_item_due_soon_after_one_that_rescheduled_itself() -> None:
     import asyncio
     import contextlib

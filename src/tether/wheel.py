@@ -66,7 +66,9 @@ class _Wheel:
                     item.keepalive_tick()
                 except Exception:  # one connection's bug must not stop the others' keepalive
                     logger.exception("keepalive tick failed for %r", item)
-        if self._slots and self._armed is None:
+        # An item rescheduled while firing armed the timer for its own (later) slot: the
+        # earliest bucket left may be due sooner.
+        if self._slots and (self._armed is None or self._slots[0] < self._armed):
             self._arm(self._slots[0])
 
 
