@@ -171,23 +171,26 @@ class Receiver:
     None means no limit. Raises ValueError if it is negative.
     """
 
-    __slots__ = ("_max_size", "_state", "_failure", "_size", "_chunks", "_text", "_decoder")
+    __slots__ = ("_max_size", "_state", "idle", "_failure", "_size", "_chunks", "_text", "_decoder")
 
     def __init__(self, max_message_size: int | None = 1 << 20) -> None:
         if max_message_size is not None and max_message_size < 0:
             raise ValueError("max_message_size must be >= 0 or None")
         self._max_size = max_message_size
         self._state = _State.IDLE
+        #: True between messages: a complete unfragmented text frame may skip this object.
+        #: (An attribute kept equal to ``_state is IDLE``, not a property: read per message.)
+        self.idle = True
         self._failure: Fail | None = None
         self._size = 0
-        self._chunks: list[bytes] = []  # binary fragments received so far
-        self._text: list[str] = []  # text decoded so far
+        # Fragments so far, created with a fragmented message (most connections never see one).
+        self._chunks: list[bytes] | None = None  # binary fragments
+        self._text: list[str] | None = None  # text decoded so far
         self._decoder: codecs.IncrementalDecoder | None = None
 
-    @property
-    def idle(self) -> bool:
-        """True between messages: a complete unfragmented text frame may skip this object."""
-        return self._state is _State.IDLE
+    def _to(self, state: _State) -> None:
+        self._state = state
+        self.idle = state is _State.IDLE
 
     def receive_frame(self, opcode: int, fin: bool, rsv: bool, payload: bytes) -> Event:
         """Feed one received frame; ``rsv`` is True if any of RSV1..3 is set.
@@ -227,10 +230,11 @@ class Receiver:
             return self._single(opcode, payload)
         self._size = len(payload)
         if opcode == OP_BINARY:
-            self._state = _State.BINARY
-            self._chunks.append(payload)
+            self._to(_State.BINARY)
+            self._chunks = [payload]
             return None
-        self._state = _State.TEXT
+        self._to(_State.TEXT)
+        self._text = []
         self._decoder = codecs.getincrementaldecoder("utf-8")()
         return self._feed_text(payload, final=False)
 
@@ -254,6 +258,7 @@ class Receiver:
         self._size = size
         if self._state is _State.TEXT:
             return self._feed_text(payload, final=fin)
+        assert self._chunks is not None  # a binary message is in progress
         self._chunks.append(payload)
         if not fin:
             return None
@@ -264,7 +269,7 @@ class Receiver:
     def _feed_text(self, payload: bytes, final: bool) -> str | Fail | None:
         # [8.1] Validate as bytes arrive and fail fast: Autobahn 6.4.x expects 1007 on the first
         # fragment that can no longer be valid UTF-8, before the message's last fragment.
-        assert self._decoder is not None
+        assert self._decoder is not None and self._text is not None
         try:
             self._text.append(self._decoder.decode(payload, final))
         except UnicodeDecodeError:
@@ -295,22 +300,22 @@ class Receiver:
             return self._fail(event.code, event.reason)
         # [5.4] A close may come between fragments; the unfinished message is never delivered.
         self._reset()
-        self._state = _State.CLOSED
+        self._to(_State.CLOSED)
         return event
 
     # State transitions
 
     def _reset(self) -> None:
-        self._state = _State.IDLE
+        self._to(_State.IDLE)
         self._size = 0
-        self._chunks = []
-        self._text = []
+        self._chunks = None
+        self._text = None
         self._decoder = None
 
     def _fail(self, code: int, reason: str) -> Fail:
         self._reset()
         self._failure = Fail(code, reason)
-        self._state = _State.FAILED
+        self._to(_State.FAILED)
         return self._failure
 
 
