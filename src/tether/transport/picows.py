@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl as ssl_module
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ class _Listener(WSListener):
         self._on_open = on_open
         self._settings = settings
         self._is_client = is_client
-        self._receiver = Receiver(settings.max_message_size)
+        self._receiver: Receiver | None = None  # created by the first frame that needs it
         self._max = settings.max_message_size or 1 << 62
         self._transport: WSTransport | None = None
         self._raw: asyncio.Transport | None = None
@@ -108,7 +109,7 @@ class _Listener(WSListener):
         # leave in one write(2) when the last one is handled (server frames are unmasked, so
         # we can build them; a client's must be masked, so clients never cork).
         self._corked = False
-        self._pending: list[bytes] = []
+        self._pending: list[bytes] | None = None  # created on the first corked read
         self._pending_size = 0
 
     # -- picows callbacks ----------------------------------------------------------------
@@ -118,23 +119,22 @@ class _Listener(WSListener):
         peer = self._raw.get_extra_info("peername")
         self.request.remote_address = (peer[0], peer[1]) if peer else None
         self.conn = Conn(self, self.request, self._settings.conn, is_client=self._is_client)
-        if self._on_open is not None:
-            self._on_open(self.conn)
+        on_open, self._on_open = self._on_open, None  # what it holds is not needed after this
+        if on_open is not None:
+            on_open(self.conn)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.last_in_buffer:
-            try:
-                self._frame(frame)
-            finally:  # one frame that fails must not strand the replies to the others
-                if self._corked:
-                    self._uncork()
-        else:
+        last = frame.last_in_buffer
+        if not last:  # more frames follow in this read: their replies leave in one write
             self._corked = not self._is_client
-            try:
-                self._frame(frame)
-            except BaseException:
+        try:
+            self._frame(frame)
+        except BaseException:
+            if self._corked:  # one frame that fails must not strand the replies to the others
                 self._uncork()
-                raise
+            raise
+        if last and self._corked:
+            self._uncork()
 
     def _uncork(self) -> None:
         """Write every frame produced while corked, in one write."""
@@ -149,11 +149,17 @@ class _Listener(WSListener):
             assert self._raw is not None
             self._raw.write(data)  # past the high-water mark this pauses writing, at once
 
-    def _cork(self, frame: bytes, size: int) -> None:
-        """Hold a frame for the write at the end of the read; past CORK_LIMIT bytes write
-        now, so backpressure still sees large replies (the Conn stops handling messages)."""
-        self._pending.append(frame)
-        self._pending_size += size
+    def _cork(self, head: bytes, payload: bytes = b"") -> None:
+        """Hold a frame (``head``, or a header and its ``payload``) for the write at the end
+        of the read; past CORK_LIMIT bytes write now, so backpressure still sees large replies
+        (the Conn stops handling messages)."""
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = []
+        pending.append(head)
+        if payload:
+            pending.append(payload)
+        self._pending_size += len(head) + len(payload)
         if self._pending_size > CORK_LIMIT:
             self._flush()
 
@@ -162,7 +168,8 @@ class _Listener(WSListener):
         assert conn is not None
         msg_type = frame.msg_type
         rsv = frame.rsv1 or frame.rsv2 or frame.rsv3
-        if msg_type is _TEXT and frame.fin and not rsv and self._receiver.idle:
+        receiver = self._receiver
+        if msg_type is _TEXT and frame.fin and not rsv and (receiver is None or receiver.idle):
             # Fast path: a whole text message in one frame (the common case).
             if frame.payload_size > self._max:
                 conn.on_protocol_error(1009, "message too big")
@@ -182,7 +189,9 @@ class _Listener(WSListener):
             else:
                 conn.on_pong(frame.get_payload_as_bytes())
             return
-        event = self._receiver.receive_frame(msg_type.value, frame.fin, rsv, frame.get_payload_as_bytes())
+        if receiver is None:
+            receiver = self._receiver = Receiver(self._settings.max_message_size)
+        event = receiver.receive_frame(msg_type.value, frame.fin, rsv, frame.get_payload_as_bytes())
         if event is None:
             return
         if isinstance(event, (str, bytes)):
@@ -213,8 +222,7 @@ class _Listener(WSListener):
     # -- Transport ----------------------------------------------------------------------------
     def write(self, opcode: int, payload: bytes) -> None:
         if self._corked:
-            self._pending.append(frame_header(opcode, len(payload)))
-            self._cork(payload, len(payload))
+            self._cork(frame_header(opcode, len(payload)), payload)
             return
         assert self._transport is not None
         self._transport.send(_MSG_TYPE[opcode], payload)
@@ -225,7 +233,7 @@ class _Listener(WSListener):
         picows writes its own frames synchronously too, so whole frames never interleave.
         """
         if self._corked:
-            self._cork(frame, len(frame))
+            self._cork(frame)
             return
         assert self._raw is not None
         self._raw.write(frame)
@@ -260,14 +268,36 @@ class _Listener(WSListener):
         if self._corked:
             self._uncork()
         if self._transport is not None:
+            _bound_close(self._raw, self._settings.conn.close_timeout)
             self._transport.disconnect()
 
     def abort(self) -> None:
-        self._pending.clear()
+        if self._pending is not None:
+            self._pending.clear()
         self._pending_size = 0
         self._corked = False
         if self._transport is not None:
+            _bound_close(self._raw, self._settings.conn.close_timeout)
             self._transport.disconnect(graceful=False)
+
+
+_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux
+
+
+def _bound_close(raw: asyncio.Transport | None, seconds: float) -> None:
+    """Before closing: the kernel gives up on the connection if what is left to send (then the
+    FIN) makes no progress for ``seconds`` (TCP_USER_TIMEOUT, which zero-window probes obey).
+    Without it, a socket closed with unsent data outlives its fd in the kernel (FIN_WAIT1, the
+    send buffer full, up to megabytes) for as long as the peer's window stays closed: for ever,
+    from a peer that never reads but whose kernel answers the probes."""
+    if _USER_TIMEOUT is None:
+        return
+    sock = raw.get_extra_info("socket") if raw is not None else None
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _USER_TIMEOUT, max(1, int(seconds * 1000)))
+        except OSError:
+            pass  # closed already
 
 
 def _http(response: HttpResponse) -> WSUpgradeResponseWithListener:
