@@ -251,7 +251,8 @@ class Conn:
 
     # Slots: an idle connection should cost as little memory as possible (docs/benchmarks.md).
     __slots__ = (
-        "_close_timeout",
+        "_assigns",
+        "_close_callbacks",
         "_close_timer",
         "_closed",
         "_drain",
@@ -259,9 +260,6 @@ class Conn:
         "_held",
         "_inbox",
         "_last_write",
-        "_max_queue",
-        "_max_send_queue",
-        "_overflow",
         "_pending_pong",
         "_pinger",
         "_read_paused",
@@ -269,17 +267,16 @@ class Conn:
         "_receiver",
         "_send_queue",
         "_sent",
+        "_settings",
         "_transport",
         "_transport_pings",
         "_write_paused",
-        "assigns",
         "close_code",
         "close_reason",
         "consumer",
         "hub",
         "identity",
         "is_client",
-        "keepalive",
         "latency",
         "limiter",
         "messages_in",
@@ -306,8 +303,7 @@ class Conn:
         #: Close code and reason: ours once we start closing, the peer's once it answers.
         self.close_code: int | None = None
         self.close_reason = ""
-        #: Per-connection data for the application (Phoenix calls these assigns).
-        self.assigns: dict[str, Any] = {}
+        self._assigns: dict[str, Any] | None = None  # created on first use (idle connections are cheap)
         #: Last measured round-trip time to the peer in seconds, or None.
         self.latency: float | None = None
         #: Who the peer is, as returned by the ``auth`` hook (None without one).
@@ -325,28 +321,29 @@ class Conn:
         self.messages_out = 0
         #: The message rate limit of this connection (set by the connection policy), or None.
         self.limiter: TokenBucket | None = None
-        #: Heartbeat settings ``(interval, timeout)`` in seconds, announced to typed clients.
-        self.keepalive: tuple[float | None, float | None] = (settings.ping_interval, settings.ping_timeout)
-        # A list, not a deque: it holds at most max_queue items and an empty deque costs 13x more.
-        self._inbox: list[Message | _Rejected] = []
-        self._max_queue = settings.max_queue
+        # Limits, timeouts and policies are read from the settings, shared by every connection.
+        self._settings = settings
+        # A list, not a deque (it holds at most max_queue items and an empty deque costs 13x
+        # more), created when the first message has to wait.
+        self._inbox: list[Message | _Rejected] | None = None
         self._held = False  # messages queue for the consumer until release()
         self._receiver: asyncio.Future[None] | None = None
         self._write_paused = False
         self._read_paused = False  # paused by us (inbox full)
         self._reading_held = False  # paused by pause_reading() (a server shutting down)
         self._drain: asyncio.Future[None] | None = None
-        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # What close() and wait_closed() wait for, created by the first of them (an idle
+        # connection has none); on_close callbacks in a list (not a closure and a context each
+        # on that future).
+        self._closed: asyncio.Future[None] | None = None
+        self._close_callbacks: list[Callable[[Conn], object]] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
-        self._close_timeout = settings.close_timeout
         self._last_write = 0.0
         self._pinger: Pinger | None = None
         self._transport_pings = transport_pings
         self._pending_pong: bytes | None = None
         # Broadcast path: a bounded queue while the socket is full, created on first use.
         self._send_queue: deque[tuple[bytes, int, bytes]] | None = None
-        self._max_send_queue = settings.max_send_queue
-        self._overflow = Overflow(settings.send_overflow)
         self._sent = 0
         self._dropped = 0
         if settings.ping_interval is not None:
@@ -368,6 +365,22 @@ class Conn:
     @property
     def remote_address(self) -> tuple[str, int] | None:
         return self.request.remote_address
+
+    @property
+    def assigns(self) -> dict[str, Any]:
+        """Per-connection data for the application (Phoenix calls these assigns)."""
+        if self._assigns is None:
+            self._assigns = {}
+        return self._assigns
+
+    @assigns.setter
+    def assigns(self, value: dict[str, Any]) -> None:
+        self._assigns = value
+
+    @property
+    def keepalive(self) -> tuple[float | None, float | None]:
+        """Heartbeat settings ``(interval, timeout)`` in seconds, announced to typed clients."""
+        return self._settings.ping_interval, self._settings.ping_timeout
 
     def __repr__(self) -> str:
         return f"<Conn {self.path} {self.state.name} {self.remote_address}>"
@@ -400,23 +413,16 @@ class Conn:
 
     def _take(self) -> Message | _Rejected | None:
         """Pop the oldest queued message; resume reading once the queue is half empty."""
-        if not self._inbox:
+        inbox = self._inbox
+        if not inbox:
             return None
-        message = self._inbox.pop(0)
-        if self._read_paused and len(self._inbox) <= self._max_queue // 2:
+        message = inbox.pop(0)
+        if self._read_paused and len(inbox) <= self._settings.max_queue // 2:
             self._update_reading()
         return message
 
     def __aiter__(self) -> AsyncIterator[Message]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Message]:
-        """Yield messages until the connection closes; ends quietly on a normal close."""
-        try:
-            while True:
-                yield await self.receive()
-        except ConnectionClosedOK:
-            return
+        return _Messages(self)
 
     def stream(self, *, text: bool = False) -> ByteStream:
         """A byte-stream view of this connection, like ``ws.Read``/``ws.Write`` in Go."""
@@ -445,6 +451,7 @@ class Conn:
             if isinstance(message, _Rejected):
                 self._reject(message)
             elif consumer.message(message) is False:
+                assert self._inbox is not None  # it held the message just taken
                 self._inbox.insert(0, message)
                 self._held = True
 
@@ -555,15 +562,29 @@ class Conn:
         connection is dropped.
         """
         self.start_close(code, reason)
-        await asyncio.shield(self._closed)
+        await asyncio.shield(self._closed_future())
 
     async def wait_closed(self) -> None:
         """Wait until the connection is closed, by either side."""
-        await asyncio.shield(self._closed)
+        await asyncio.shield(self._closed_future())
+
+    def _closed_future(self) -> asyncio.Future[None]:
+        closed = self._closed
+        if closed is None:
+            closed = self._closed = asyncio.get_running_loop().create_future()
+            if self.state is ConnState.CLOSED:
+                closed.set_result(None)
+        return closed
 
     def on_close(self, callback: Callable[[Conn], object]) -> None:
-        """Call ``callback(conn)`` once the connection is closed (at once if it is)."""
-        self._closed.add_done_callback(lambda _: callback(self))
+        """Call ``callback(conn)`` once the connection is closed (soon after, from the event
+        loop, in the order the callbacks were added; at once if it is closed already)."""
+        if self.state is ConnState.CLOSED:
+            asyncio.get_running_loop().call_soon(callback, self)
+        elif self._close_callbacks is None:
+            self._close_callbacks = [callback]
+        else:
+            self._close_callbacks.append(callback)
 
     def start_close(self, code: int, reason: str) -> None:
         """Start the closing handshake without waiting for it (no-op unless open)."""
@@ -581,7 +602,7 @@ class Conn:
         loop = asyncio.get_running_loop()
         # Bounds the handshake and the graceful end of TCP: a peer that neither answers nor
         # reads (its window closed) would otherwise keep the socket for ever.
-        self._close_timer = loop.call_later(self._close_timeout, self._transport.abort)
+        self._close_timer = loop.call_later(self._settings.close_timeout, self._transport.abort)
 
     def drop(self) -> None:
         """End the TCP connection now, discarding what is not written yet."""
@@ -607,43 +628,44 @@ class Conn:
 
     # -- TransportEvents: called by the transport ------------------------------------------
     def on_message(self, message: Message) -> None:
-        """A whole message arrived."""
+        """A whole message arrived.
+
+        Over the rate limit (see proto/limits.py): without a consumer, close with 1008 at
+        once; with one, in its turn after the messages queued before it, the consumer answers
+        it, until the limiter gives up on the peer: then close with 1008.
+        """
         if self.state is not ConnState.OPEN:
             return
         self.messages_in += 1
+        item: Message | _Rejected = message
         limiter = self.limiter
         if limiter is not None and not limiter.allow(_now()):
-            self._rate_limited(message)
-            return
-        self._queue_or_consume(message)
-
-    def _queue_or_consume(self, message: Message | _Rejected) -> None:
+            if self.consumer is None:
+                self.start_close(1008, "rate limit exceeded")
+                return
+            item = _Rejected(message, limiter.exhausted)
         consumer = self.consumer
         if consumer is not None and not self._held and not self._write_paused:
-            if isinstance(message, _Rejected):
-                self._reject(message)
+            if isinstance(item, _Rejected):
+                self._reject(item)
                 return
-            if consumer.message(message) is not False:
+            if consumer.message(item) is not False:
                 return
             self._held = True
-        # Queue it: for a handler's receive(), or for a consumer that cannot take it now
-        # (its replies would pile up in memory); a full inbox stops reading from the peer.
-        self._inbox.append(message)
+        self._queue(item)
+
+    def _queue(self, message: Message | _Rejected) -> None:
+        """Queue a message: for a handler's receive(), or for a consumer that cannot take it
+        now (its replies would pile up in memory); a full inbox stops reading from the peer."""
+        inbox = self._inbox
+        if inbox is None:
+            inbox = self._inbox = []
+        inbox.append(message)
         receiver = self._receiver
         if receiver is not None and not receiver.done():
             receiver.set_result(None)
-        if len(self._inbox) >= self._max_queue and not self._read_paused:
+        if len(inbox) >= self._settings.max_queue and not self._read_paused:
             self._update_reading()
-
-    def _rate_limited(self, message: Message) -> None:
-        """A message over the rate limit (see proto/limits.py). Without a consumer: close
-        with 1008 at once. With one, in its turn after the messages queued before it: the
-        consumer answers it, until the limiter gives up on the peer: then close with 1008."""
-        assert self.limiter is not None
-        if self.consumer is None:
-            self.start_close(1008, "rate limit exceeded")
-        else:
-            self._queue_or_consume(_Rejected(message, self.limiter.exhausted))
 
     def _reject(self, rejected: _Rejected) -> None:
         if rejected.exhausted or self.consumer is None:
@@ -685,7 +707,13 @@ class Conn:
         for fut in (self._receiver, self._drain):
             if fut is not None and not fut.done():
                 fut.set_result(None)
-        self._closed.set_result(None)
+        if self._closed is not None:
+            self._closed.set_result(None)
+        callbacks, self._close_callbacks = self._close_callbacks, None
+        if callbacks:
+            loop = asyncio.get_running_loop()
+            for callback in callbacks:
+                loop.call_soon(callback, self)
 
     def on_pause_writing(self) -> None:
         self._write_paused = True
@@ -724,7 +752,7 @@ class Conn:
         never read, and both sides would wait forever (a handler stuck in ``send`` stops
         draining the inbox anyway, so reading still pauses once it fills).
         """
-        pause = len(self._inbox) >= self._max_queue
+        pause = len(self._inbox or ()) >= self._settings.max_queue
         if pause != self._read_paused and self.state is not ConnState.CLOSED:
             self._read_paused = pause
             if pause:
@@ -778,9 +806,9 @@ class Conn:
         queue = self._send_queue
         if queue is None:
             queue = self._send_queue = deque()
-        limit = self._max_send_queue
+        limit = self._settings.max_send_queue
         if limit is not None and len(queue) >= limit:
-            if self._overflow is Overflow.CLOSE:
+            if self._settings.send_overflow == Overflow.CLOSE:
                 self._send_queue = None
                 self.start_close(1013, "try again later")
                 if self.metrics is not None:
@@ -799,3 +827,23 @@ class Conn:
         queue = self._send_queue
         while queue and not self._write_paused and self.state is ConnState.OPEN:
             self._put_shared(*queue.popleft())
+
+
+class _Messages:
+    """``async for message in conn``: messages until the connection closes; ends quietly on a
+    normal close. (A class, not an async generator: mypyc compiles this module, and does not
+    compile async generators.)"""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+
+    def __aiter__(self) -> _Messages:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self._conn.receive()
+        except ConnectionClosedOK:
+            raise StopAsyncIteration from None
