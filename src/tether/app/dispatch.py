@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+import types
 from asyncio.tasks import _enter_task, _leave_task  # stable since 3.7; how 3.12's eager tasks run
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import msgspec
 
@@ -33,10 +35,15 @@ from ..proto.frames import OP_TEXT
 from ..sessions import Session
 from .registry import Heartbeat, Route, classify
 
-try:  # the C function: asyncio.current_task is a Python wrapper around it on 3.11
+try:  # 3.12+: the C function (asyncio.current_task wraps it)
     from _asyncio import current_task as _current_task  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - interpreters without the C accelerator
-    from asyncio import current_task as _current_task
+except ImportError:
+    try:  # 3.11: asyncio.current_task is a Python function reading this dict: read it directly
+        from _asyncio import _current_tasks  # type: ignore[attr-defined]
+
+        _current_task = _current_tasks.get
+    except ImportError:  # pragma: no cover - interpreters without the C accelerator
+        from asyncio import current_task as _current_task
 
 __all__ = ["Dispatcher", "Table"]
 
@@ -93,7 +100,7 @@ class Dispatcher:
         conn = self.conn
         loop = asyncio.get_running_loop()
         self._host = asyncio.current_task()
-        conn.on_close(lambda _: self._wake(None))
+        conn.on_close(self._closed)
         conn.consumer = self
         try:
             conn.release()  # what arrived during on_connect and the welcome
@@ -108,6 +115,9 @@ class Dispatcher:
                     conn.release()
         finally:
             conn.consumer = None
+
+    def _closed(self, conn: Conn) -> None:
+        self._wake(None)
 
     def _wake(self, job: Any) -> None:
         """Give the host task a job (a suspended handler, or _DISPATCH)."""
@@ -196,14 +206,21 @@ class Dispatcher:
         try:
             result = route.fn(conn, envelope.data) if route.takes_data else route.fn(conn)
             if route.is_async:
-                # Run the coroutine eagerly: most handlers finish without suspending.
+                # Run the coroutine eagerly (most handlers finish without suspending), through
+                # this thread's driver: no StopIteration per handler (see _drive).
+                driver, box = _eager.current
+                if driver.gi_running:  # reentered (a handler handling a message): a new one
+                    driver, box = _eager.renew()
                 try:
-                    yielded = result.send(None)
-                except StopIteration as stop:
-                    result = stop.value
-                else:
-                    self._suspend(result, yielded, envelope.id, route.type, started)
+                    yielded = driver.send(result)
+                except BaseException:
+                    _eager.renew()  # the handler raised: the driver ended with it
+                    raise
+                if yielded is not _RETURNED:
+                    _eager.renew()  # this driver carries the suspended handler from now on
+                    self._suspend(_Resume(driver, yielded, box), envelope.id, route.type, started)
                     return
+                result, box[0] = box[0], None
         except Exception as exc:
             if metrics is not None:
                 metrics.handled(route.type, _clock() - started)
@@ -269,13 +286,13 @@ class Dispatcher:
         self._write(encode_message(_HEARTBEAT, data))
 
     # -- handlers that suspend -------------------------------------------------------------
-    def _suspend(self, coro: Any, yielded: Any, id: Id, type: str, started: float) -> None:
+    def _suspend(self, resume: _Resume, id: Id, type: str, started: float) -> None:
         """A handler suspended: the host task finishes it; later messages wait."""
         self.conn.hold()  # messages now queue in the inbox, with backpressure
         self._suspended = True
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._track(done)
-        self._wake(_Suspended(_Resume(coro, yielded), id, done, type, started))
+        self._wake(_Suspended(resume, id, done, type, started))
 
     async def _finish(self, job: _Suspended) -> None:
         try:
@@ -334,30 +351,66 @@ class Dispatcher:
             future.add_done_callback(session.in_flight.discard)
 
 
+_RETURNED = object()  # what a driver yields once the coroutine it runs has returned
+
+
+@types.coroutine
+def _drive(box: list[Any]) -> Generator[Any, Any, None]:
+    """Run the coroutines sent in, one after the other: pass up what each yields (a handler
+    that suspends), then yield ``_RETURNED`` with its return value in ``box[0]``.
+
+    A coroutine stepped by ``yield from`` (the interpreter's SEND) returns its value without
+    raising StopIteration, which ``coro.send(None)`` raises for every handler that returns
+    (an exception per message costs more than the rest of stepping the handler).
+    """
+    while True:
+        coro = yield _RETURNED
+        box[0] = yield from coro
+
+
+_Driver: TypeAlias = "types.GeneratorType[Any, Any, None]"
+
+
+class _Eager(threading.local):
+    """This thread's driver and its box (a driver runs one coroutine at a time; a loop, and
+    so every connection on it, runs in one thread)."""
+
+    def __init__(self) -> None:
+        self.renew()
+
+    def renew(self) -> tuple[_Driver, list[Any]]:
+        """A new driver: the last one ended with a handler's exception, carries a suspended
+        handler, or is running (a handler handling another message)."""
+        box: list[Any] = [None]
+        driver = cast(_Driver, _drive(box))
+        driver.send(None)
+        self.current = driver, box  # one attribute: each read of a thread-local costs
+        return self.current
+
+
+_eager = _Eager()
+
+
 class _Resume:
-    """Await the rest of a coroutine that was started eagerly and has suspended.
+    """Await the rest of a handler that was started eagerly and has suspended, in its driver.
 
     The first value it yielded (usually a Future) is passed up to the running task, then
-    the coroutine is driven to the end exactly as ``await coro`` would have done.
+    the handler is driven to the end exactly as ``await coro`` would have done.
     """
 
-    __slots__ = ("_coro", "_first")
+    __slots__ = ("_driver", "_first", "_box")
 
-    def __init__(self, coro: Any, first: Any) -> None:
-        self._coro, self._first = coro, first
+    def __init__(self, driver: _Driver, first: Any, box: list[Any]) -> None:
+        self._driver, self._first, self._box = driver, first, box
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        coro, to_yield = self._coro, self._first
+        driver, to_yield = self._driver, self._first
         while True:
             try:
                 sent = yield to_yield
             except BaseException as exc:  # cancellation or an error thrown in: forward it
-                try:
-                    to_yield = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
+                to_yield = driver.throw(exc)
             else:
-                try:
-                    to_yield = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
+                to_yield = driver.send(sent)
+            if to_yield is _RETURNED:
+                return self._box[0]
