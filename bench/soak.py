@@ -702,11 +702,12 @@ def summarize(s: Soak) -> dict[str, Any]:
     st_before, st_after = s.before_close.get("stats", {}), s.after.get("stats", {})
     base_stats = s.base.get("stats", {})
     traffic = [x for x in s.samples if t_drain is not None and s.marks.get("traffic", 1e18) <= x.t <= t_drain]
-    foreign = waited = None
+    foreign = waited = busy_traffic = None
     if len(traffic) >= 2:
         a, b = traffic[0], traffic[-1]
         foreign = max(0.0, (b.busy_s - a.busy_s) - (b.cpu_s - a.cpu_s) - (b.gen_cpu_s - a.gen_cpu_s)) / (b.t - a.t)
         waited = (b.wait_s - a.wait_s) / (b.t - a.t)
+        busy_traffic = (b.cpu_s - a.cpu_s) / (b.t - a.t)
     timeline = []
     for a, b in zip(s.samples, s.samples[1:], strict=False):
         dt = b.t - a.t
@@ -758,6 +759,7 @@ def summarize(s: Soak) -> dict[str, Any]:
         "exit_code": s.exit_code, "gen_cpu_s": sum(r.get("gen_cpu_s") or 0 for r in g),
         "server_cpu_s": (s.samples[-1].cpu_s - s.base.get("cpu_s", 0)) if s.samples else None,
         "foreign_cores_traffic": foreign, "server_wait_frac_traffic": waited, "quiet": s.quiet,
+        "server_core_frac_traffic": busy_traffic,
         # (t, phase, RSS MiB, server CPU %, server waiting for a CPU %, machine busy cores, load1, open)
         "timeline": timeline, "bcast_ms_each": bcast_ms,
         "load1_max": max((x.load1 for x in s.samples), default=None),
@@ -852,6 +854,7 @@ def render(results: list[dict[str, Any]], cfg: Config, info: dict[str, Any], cmd
         ("broadcast time to all, ms: p50 / p99 / max",
          lambda r: f"{_f(r['bcast_all_ms_p50'])} / {_f(r['bcast_all_ms_p99'])} / {_f(r['bcast_all_ms_max'])}"),
         ("server CPU for the whole soak, s", lambda r: _f(r["server_cpu_s"])),
+        ("server's share of its core during the trickle", lambda r: _f(r.get("server_core_frac_traffic"), "{:.1%}")),
         ("clean closes (1000, then EOF) / closes",
          lambda r: f"{r['close_codes'].get('1000', 0):,} / {r['close_started']:,}"
          + (f" ({r['close_client_fin']:,} after a 2 s wait for the server's FIN)" if r["close_client_fin"] else "")),
