@@ -17,11 +17,21 @@ production path (enter the connection's task, handle, leave). Cases:
 - async handler, request: ``async def echo(conn, data) -> Echo`` on a message with an ``id``;
 - the same with a session (what tether.js and tether.Client get by default, docs/protocol.md
   "Sessions and resume"): the request carries ``seq``, the reply is numbered, carries the
-  ack and is kept until the client acks it (the client acks every message, as ours do).
+  ack and is kept until the client acks it (the client acks every message, as ours do);
+- the whole Python path of the emit case as the server runs it: a frame handed to the picows
+  listener (``_Listener.on_ws_frame``, a stand-in for picows' ``WSFrame``) through
+  ``Conn.on_message``, the dispatcher and the handler to ``_Listener.write`` and a stand-in
+  for picows' ``WSTransport.send`` (what picows and uvloop do in C is not in it).
 
 Every case must write exactly one frame per message, and the first frame is checked, before
-anything is timed. The figure is the best repeat's wall time divided by the message count,
-with the garbage collector off during a repeat (as timeit does).
+anything is timed. The figure is the best repeat's CPU time (this thread's: other processes
+on a busy machine do not count) divided by the message count, with the garbage collector off
+during a repeat (as timeit does).
+
+``--instructions`` counts instead (valgrind's callgrind, ~1 min): each case run with 1 and
+with 3 repeats of 3,000 messages, the difference divided by 6,000, so setup does not count.
+The count does not move with the machine's load (hash seed fixed): use it to compare two
+trees, e.g. ``PYTHONPATH=other/src python bench/micro.py --instructions``.
 """
 
 from __future__ import annotations
@@ -29,18 +39,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import platform
+import re
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
+from picows import WSMsgType
 
 import tether
 from tether.app.dispatch import Dispatcher
 from tether.conn import Conn, ConnSettings, make_request
 from tether.proto.resume import Inbound
 from tether.sessions import Resume, Session
+from tether.transport.picows import TransportSettings, _Listener
 
 
 class Echo(msgspec.Struct):
@@ -69,6 +86,36 @@ class CountingWire:
     def resume_reading(self) -> None: ...
     def disconnect(self) -> None: ...
     def abort(self) -> None: ...
+
+
+class FakeFrame:
+    """What ``_Listener.on_ws_frame`` reads of picows' ``WSFrame``: one whole text frame."""
+
+    msg_type = WSMsgType.TEXT
+    fin = True
+    rsv1 = rsv2 = rsv3 = False
+    last_in_buffer = True
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.payload_size = len(text)
+
+    def get_payload_as_utf8_text(self) -> str:
+        return self.text
+
+
+class FakeWSTransport:
+    """What ``_Listener`` uses of picows' ``WSTransport``: ``send`` counts like CountingWire."""
+
+    def __init__(self, wire: CountingWire) -> None:
+        self.wire = wire
+        self.underlying_transport = self
+
+    def get_extra_info(self, name: str) -> object:
+        return ("127.0.0.1", 1)
+
+    def send(self, msg_type: WSMsgType, payload: bytes) -> None:
+        self.wire.write(1, payload)  # text: the only type this benchmark sends
 
 
 def sync_request_app() -> tether.App:
@@ -135,6 +182,8 @@ def messages(n: int, *, with_id: bool, session: bool = False) -> list[str]:
 
 
 # (label, app factory or None for the raw baseline, messages carry an id, with a session, expected first frame)
+# The label FULL_PATH runs through the picows listener (see the module docstring).
+FULL_PATH = "async handler, emit, from the picows listener"
 CASES: list[tuple[str, Callable[[], tether.App] | None, bool, bool, dict[str, object]]] = [
     ("raw msgspec decode+encode", None, False, False,
      {"type": "echo", "data": {"message": "Thanks for the message!", "n": 0}}),
@@ -146,13 +195,18 @@ CASES: list[tuple[str, Callable[[], tether.App] | None, bool, bool, dict[str, ob
      {"type": "reply", "id": 0, "data": {"message": "Thanks for the message!", "n": 0}}),
     ("async handler, request+reply, session", async_request_app, True, True,
      {"type": "reply", "id": 0, "data": {"message": "Thanks for the message!", "n": 0}, "seq": 1, "ack": 1}),
+    (FULL_PATH, async_emit_app, False, False,
+     {"type": "echo", "data": {"message": "Thanks for the message!", "n": 0}}),
 ]
 
 
 async def setup(
-    factory: Callable[[], tether.App] | None, with_session: bool
-) -> tuple[asyncio.Task[None] | None, CountingWire, Callable[[str], object], Session | None]:
+    factory: Callable[[], tether.App] | None, with_session: bool, full_path: bool = False
+) -> tuple[asyncio.Task[None] | None, CountingWire, Callable[[Any], object], Session | None]:
     wire = CountingWire()
+    if full_path:
+        assert factory is not None
+        return await setup_listener(factory, wire)
     conn = Conn(wire, make_request("/", (), ("127.0.0.1", 1)), ConnSettings(ping_interval=None))
     if factory is None:
         return None, wire, raw_baseline(wire), None
@@ -166,11 +220,36 @@ async def setup(
     return host, wire, dispatcher.message, session
 
 
+async def setup_listener(
+    factory: Callable[[], tether.App], wire: CountingWire
+) -> tuple[asyncio.Task[None] | None, CountingWire, Callable[[Any], object], Session | None]:
+    """The server's picows listener, its Conn and the App's dispatcher, as in production."""
+    app = factory()
+    started: list[asyncio.Task[None]] = []
+
+    def on_open(conn: Conn) -> None:
+        dispatcher = Dispatcher(conn, app.table())
+        started.append(asyncio.get_running_loop().create_task(dispatcher.run()))
+
+    settings = TransportSettings(ConnSettings(ping_interval=None))
+    listener = _Listener(make_request("/"), on_open, settings, is_client=False)
+    transport = FakeWSTransport(wire)
+    listener.on_ws_connected(transport)  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+
+    def on_frame(frame: FakeFrame) -> None:
+        listener.on_ws_frame(transport, frame)  # type: ignore[arg-type]
+
+    return started[0], wire, on_frame, None
+
+
 def run_case(
-    loop: asyncio.AbstractEventLoop, factory: Callable[[], tether.App] | None, texts: list[str], repeats: int, with_session: bool = False
+    loop: asyncio.AbstractEventLoop, factory: Callable[[], tether.App] | None, texts: list[str], repeats: int,
+    with_session: bool = False, full_path: bool = False,
 ) -> tuple[float, CountingWire, bytes]:
     """Best ns/message over ``repeats`` runs, each called from a loop callback (no current task)."""
-    host, wire, on_message, session = loop.run_until_complete(setup(factory, with_session))
+    host, wire, on_message, session = loop.run_until_complete(setup(factory, with_session, full_path))
+    items: list[object] = [FakeFrame(text) for text in texts] if full_path else list(texts)  # built before timing
 
     def fresh() -> None:
         """Each repeat sends the same seqs again: a new session stream, not duplicates."""
@@ -187,15 +266,15 @@ def run_case(
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            start = time.perf_counter_ns()
-            for text in texts:
-                on_message(text)
-            return time.perf_counter_ns() - start
+            start = time.thread_time_ns()  # CPU time: robust to other processes on a busy machine
+            for item in items:
+                on_message(item)
+            return time.thread_time_ns() - start
         finally:
             if gc_was_enabled:
                 gc.enable()
 
-    in_callback(lambda: on_message(texts[0]) and 0)  # the check: one frame, the expected one
+    in_callback(lambda: on_message(items[0]) and 0)  # the check: one frame, the expected one
     first = wire.last if wire.frames == 1 else b""
     wire.frames = 0
     best = min(in_callback(one_run) for _ in range(repeats))
@@ -205,13 +284,44 @@ def run_case(
     return best / len(texts), wire, first
 
 
+def instructions(cases: list[int]) -> int:
+    """Instructions per message of each case, under callgrind (see the module docstring)."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        print("--instructions needs valgrind", file=sys.stderr)
+        return 2
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env.pop("PYTHONASYNCIODEBUG", None)
+
+    def collected(case: int, repeats: int) -> int:
+        cmd = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
+               "--messages", "3000", "--repeats", str(repeats), "--case", str(case)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stderr
+        found = re.search(r"Collected : ([0-9]+)", out)
+        assert found is not None, out[-500:]
+        return int(found.group(1))
+
+    print(f"tether micro-benchmark: instructions per message (callgrind); Python {platform.python_version()}, "
+          f"msgspec {msgspec.__version__}, {platform.machine()}")
+    print()
+    print("| case | instructions/message |")
+    print("|---|---:|")
+    for case in cases:
+        count = (collected(case, 3) - collected(case, 1)) / 6000
+        print(f"| {CASES[case][0]} | {count:,.0f} |", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="5,000 messages per repeat instead of 50,000")
     parser.add_argument("--messages", type=int, help="messages per repeat (overrides --quick)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats per case; the best is reported")
     parser.add_argument("--case", type=int, action="append", help="run only these cases (0-based; repeatable), e.g. under valgrind")
+    parser.add_argument("--instructions", action="store_true", help="count instructions per message under callgrind")
     args = parser.parse_args(argv)
+    if args.instructions:
+        return instructions(args.case if args.case is not None else list(range(len(CASES))))
     n = args.messages or (5_000 if args.quick else 50_000)
 
     loop = asyncio.new_event_loop()
@@ -224,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.case is not None and index not in args.case:
                 continue
             texts = messages(n, with_id=with_id, session=with_session)
-            ns, wire, first = run_case(loop, factory, texts, args.repeats, with_session)
+            ns, wire, first = run_case(loop, factory, texts, args.repeats, with_session, label == FULL_PATH)
             ok = wire.frames == n * args.repeats and first != b"" and msgspec.json.decode(first) == expected
             if not ok:
                 failed = True
@@ -234,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.set_event_loop(None)
         loop.close()
 
-    print(f"tether micro-benchmark: best of {args.repeats} x {n:,} messages; Python {platform.python_version()},"
+    print(f"tether micro-benchmark: best of {args.repeats} x {n:,} messages, CPU time; Python {platform.python_version()},"
           f" msgspec {msgspec.__version__}, {platform.machine()}")
     print()
     print("| case | ns/message |")
