@@ -140,7 +140,7 @@ func (m *bcastMode) fill(now int64) {
 	for m.sending && m.open < m.window && m.next < m.maxNext {
 		slot := m.next % bRing
 		setDigits(&m.digits, nBase+m.next)
-		m.sender.out = m.pool.append(m.sender.out, &m.digits)
+		m.sender.out = m.pool.appendSession(m.sender.out, &m.digits, m.sender.next(), m.sender.lastSeq)
 		m.e.queued(m.sender)
 		m.sentAt[slot], m.inWindow[slot] = now, m.counting
 		m.next++
@@ -165,14 +165,14 @@ func runBcast() map[string]any {
 	}
 	defer e.closeAll()
 	m.e = e
-	m.echoPool = newPool(echoPayload(e.proto), e.proto)
+	m.echoPool = newPool(withSession(echoPayload(e.proto)), e.proto)
 	// {"type":"broadcast","data":{"message":"xxx...","n":1000000000}}: -bcast-size bytes
 	padLen := *flagBcastLen - len(`{"type":"broadcast","data":{"message":"","n":1000000000}}`)
 	if padLen < 1 {
 		padLen = 1
 	}
 	m.pad = strings.Repeat("x", padLen)
-	m.pool = newPool(`{"type":"broadcast","data":{"message":"`+m.pad+`","n":%N}}`, e.proto)
+	m.pool = newPool(withSession(`{"type":"broadcast","data":{"message":"`+m.pad+`","n":%N}}`), e.proto)
 	t := nanotime()
 	e.add(m.n + 1)
 	m.sender = e.conns[m.n]

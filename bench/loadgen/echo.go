@@ -34,7 +34,7 @@ func (m *echoMode) opened(c *conn) {
 }
 
 func (m *echoMode) send(c *conn, now int64) {
-	c.out = m.pool.append(c.out, &c.digits)
+	c.out = m.pool.appendSession(c.out, &c.digits, c.next(), c.lastSeq)
 	incDigits(&c.digits)
 	c.ring[c.seqNext&c.ringMask] = now
 	c.seqNext++
@@ -46,6 +46,9 @@ func (m *echoMode) send(c *conn, now int64) {
 // reply to us, counted).
 func (m *echoMode) reply(c *conn, p []byte) (uint64, bool) {
 	v, fast := c.tmpl.match(p)
+	if *flagSession {
+		c.seen(p, fast)
+	}
 	if !fast {
 		var vd verdict
 		var why string
@@ -105,7 +108,7 @@ func runEcho() map[string]any {
 	}
 	defer e.closeAll()
 	m.e = e
-	m.pool = newPool(echoPayload(e.proto), e.proto)
+	m.pool = newPool(withSession(echoPayload(e.proto)), e.proto)
 	e.add(*flagC)
 	if err := e.runUntil(func() bool { return e.nopen == *flagC }, flagTimeout.Nanoseconds()); err != nil {
 		return map[string]any{"error": "connect: " + err.Error(), "connected": e.nopen}

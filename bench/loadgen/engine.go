@@ -87,6 +87,9 @@ type conn struct {
 	tmpl              tmpl          // a reply as this server writes it, learned from the first checked one
 
 	bnext uint64 // bcast receivers: the broadcast expected next
+
+	lastSeq uint64 // -session: the seq of the last numbered message received (acked by the next request)
+	reqSeq  uint64 // -session: the seq of the last request sent
 }
 
 // rand32: xorshift64*, for the few frames not taken from a pool (pong, control).
@@ -242,7 +245,11 @@ func (e *engine) connected(c *conn) {
 	rand.Read(k[:])
 	c.key = base64.StdEncoding.EncodeToString(k[:])
 	req := "GET " + e.path + " HTTP/1.1\r\nHost: " + e.addr + "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
-		"Origin: http://" + e.addr + "\r\nSec-WebSocket-Key: " + c.key + "\r\nSec-WebSocket-Version: 13\r\n\r\n"
+		"Origin: http://" + e.addr + "\r\nSec-WebSocket-Key: " + c.key + "\r\nSec-WebSocket-Version: 13\r\n"
+	if *flagSession {
+		req += sessionOffer
+	}
+	req += "\r\n"
 	c.state = stHandshake
 	c.out = append(c.out, req...)
 	e.flush(c)

@@ -55,28 +55,37 @@ type framePool struct {
 	frames [][]byte
 	hdr    int   // header + mask key length (0 for -proto tcp)
 	spans  []int // payload offsets of the number's digits
+	seqs   []int // payload offsets of a request's seq (-session), nDigits wide
+	acks   []int // payload offsets of an ack (-session), nDigits wide
 	mask   uint32
 	pick   uint64
 }
 
 const poolSize = 256
 
-// newPool: payload has the digit placeholder "%N" at one or more places.
+// newPool: payload has the digit placeholder "%N" at one or more places, and may have "%S"
+// and "%A" (a seq and an ack, -session).
 func newPool(payload string, proto int) *framePool {
 	p := &framePool{mask: poolSize - 1, pick: 0x9E3779B97F4A7C15}
-	ph := []byte("%N")
 	raw := []byte(payload)
 	var body []byte
 	for {
-		i := bytes.Index(raw, ph)
-		if i < 0 {
+		i := bytes.IndexByte(raw, '%')
+		if i < 0 || i+1 >= len(raw) || (raw[i+1] != 'N' && raw[i+1] != 'S' && raw[i+1] != 'A') {
 			body = append(body, raw...)
 			break
 		}
 		body = append(body, raw[:i]...)
-		p.spans = append(p.spans, len(body))
+		switch raw[i+1] {
+		case 'N':
+			p.spans = append(p.spans, len(body))
+		case 'S':
+			p.seqs = append(p.seqs, len(body))
+		default:
+			p.acks = append(p.acks, len(body))
+		}
 		body = append(body, bytes.Repeat([]byte("0"), nDigits)...)
-		raw = raw[i+len(ph):]
+		raw = raw[i+2:]
 	}
 	if proto == protoTCP {
 		p.frames = [][]byte{append(body, '\n')}
@@ -96,6 +105,11 @@ func newPool(payload string, proto int) *framePool {
 
 // append writes one request carrying digits to dst.
 func (p *framePool) append(dst []byte, digits *[nDigits]byte) []byte {
+	return p.appendSession(dst, digits, 0, 0)
+}
+
+// appendSession: the same, with seq and ack in the pool's session fields (if it has them).
+func (p *framePool) appendSession(dst []byte, digits *[nDigits]byte, seq, ack uint64) []byte {
 	p.pick = p.pick*6364136223846793005 + 1442695040888963407
 	f := p.frames[uint32(p.pick>>40)&p.mask]
 	base := len(dst)
@@ -110,7 +124,23 @@ func (p *framePool) append(dst []byte, digits *[nDigits]byte) []byte {
 			b[s+j] = digits[j] ^ mk[(s+j)&3]
 		}
 	}
+	p.pad(b, p.seqs, seq, &mk)
+	p.pad(b, p.acks, ack, &mk)
 	return dst
+}
+
+// pad writes v, space-padded, at the payload offsets at (masked like the rest).
+func (p *framePool) pad(b []byte, at []int, v uint64, mk *[4]byte) {
+	if len(at) == 0 {
+		return
+	}
+	var a [nDigits]byte
+	padDigits(&a, v)
+	for _, s := range at {
+		for j := 0; j < nDigits; j++ {
+			b[s+j] = a[j] ^ mk[(s+j)&3]
+		}
+	}
 }
 
 func setDigits(d *[nDigits]byte, v uint64) {

@@ -4,6 +4,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"testing"
 )
 
@@ -150,5 +151,38 @@ func TestCheckUpgrade(t *testing.T) {
 	}
 	if err := checkUpgrade([]byte("HTTP/1.1 400 Bad Request\r\n"), key); err == nil {
 		t.Fatal("400 passed")
+	}
+}
+
+func TestSessionRequestsCarrySeqAndAPaddedAck(t *testing.T) {
+	pool := newPool(`{"type":"echo","data":{"message":"hello server!","n":%N},"seq":%S,"ack":%A}`, protoWS)
+	var d [nDigits]byte
+	setDigits(&d, nBase+7)
+	for _, ack := range []uint64{0, 9, 123, 1234567890} {
+		_, p := unmask(pool.appendSession(nil, &d, ack+1, ack))
+		var env struct {
+			Data struct{ N uint64 } `json:"data"`
+			Seq  uint64             `json:"seq"`
+			Ack  uint64             `json:"ack"`
+		}
+		if err := json.Unmarshal(p, &env); err != nil || env.Data.N != nBase+7 || env.Seq != ack+1 || env.Ack != ack {
+			t.Fatalf("ack %d: %q -> %+v (%v)", ack, p, env, err)
+		}
+	}
+	var a [nDigits]byte
+	padDigits(&a, 42)
+	if string(a[:]) != "        42" {
+		t.Fatalf("padDigits(42) = %q", a)
+	}
+}
+
+func TestSeenFollowsTheDirectStream(t *testing.T) {
+	c := &conn{}
+	c.seen([]byte(`{"type":"welcome","data":{}}`), false)
+	c.seen([]byte(`{"type":"joined","data":{},"room":"all","seq":1}`), false)
+	c.seen([]byte(`{"type":"echo","data":{"message":"Thanks for the message!","n":1000000000},"seq":2,"ack":1000000000}`), false)
+	c.seen(nil, true) // a reply that matched its template: the next one
+	if c.lastSeq != 3 {
+		t.Fatalf("lastSeq %d", c.lastSeq)
 	}
 }

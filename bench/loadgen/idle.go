@@ -15,12 +15,15 @@ type idleMode struct {
 // setupEcho sends request nBase on a freshly opened connection.
 func setupEcho(e *engine, pool *framePool, c *conn) {
 	setDigits(&c.digits, nBase)
-	c.out = pool.append(c.out, &c.digits)
+	c.out = pool.appendSession(c.out, &c.digits, c.next(), c.lastSeq)
 	e.queued(c)
 }
 
 // setupReply: the reply to setupEcho? (true once; other messages are skipped)
 func setupReply(c *conn, p []byte, proto int, other, bad *int64, why *string) bool {
+	if *flagSession {
+		c.seen(p, false)
+	}
 	v, vd, w := checkEcho(p, proto)
 	switch {
 	case vd == vOther:
@@ -58,7 +61,7 @@ func runIdle() map[string]any {
 	}
 	defer e.closeAll()
 	m.e = e
-	m.pool = newPool(echoPayload(e.proto), e.proto)
+	m.pool = newPool(withSession(echoPayload(e.proto)), e.proto)
 	t := nanotime()
 	e.add(*flagN)
 	if err := e.runUntil(func() bool { return m.ready == *flagN || m.bad > 0 }, flagTimeout.Nanoseconds()); err != nil || m.bad > 0 {
