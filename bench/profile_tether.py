@@ -1,6 +1,6 @@
 """Where tether's time goes: py-spy on the tether echo server under the C=50,K=1 load.
 
-    python bench/profile_tether.py [--seconds 10] [--md docs/benchmarks.md]
+    python bench/profile_tether.py [--seconds 10] [--md docs/benchmarks.md] [--tether-src DIR] [--native]
 
 Starts bench/servers/tether_server.py pinned to core 0, drives it with the Go
 load generator on core 1, runs `py-spy record --format raw` (collapsed stacks,
@@ -22,29 +22,31 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402
 
+DISPATCH = "tether/app/dispatch.py"
+
 
 def _decode_line() -> str:
-    """file:line of the envelope decode call in tether's App (found in the source, which moves)."""
-    src = bench.ROOT / "src" / "tether" / "app.py"
+    """file:line of the envelope decode call in the dispatcher (found in the source, which moves)."""
+    src = bench.ROOT / "src" / DISPATCH
     for i, line in enumerate(src.read_text().splitlines(), 1):
-        if "self._decoder.decode(" in line:
-            return f"tether/app.py:{i}"
-    return "tether/app.py:?"
+        if ".decoder.decode(" in line:
+            return f"{DISPATCH}:{i}"
+    return f"{DISPATCH}:?"
 
 
 def category(frame: str, decode_at: str) -> str:
     """Self time of a leaf frame -> a layer. C code is charged to the Python line that called it."""
     name, _, where = frame.partition(" (")
     if where.startswith(decode_at):
-        return "msgspec: decode + validate the envelope (C, called from App._on_message)"
+        return "msgspec: decode + validate the envelope (C, called from Dispatcher._handle)"
     if name.endswith("_Listener.write"):
-        return "picows transport.send: frame + write(2) syscall (C)"
+        return "picows transport.send: frame + write(2) syscall (C, called from _Listener.write)"
     if name == "encode_message" or "msgspec" in where:
         return "msgspec: encode the reply (C)"
     if "asyncio/runners.py" in where or "uvloop" in where or "asyncio/base_events" in where:
         return "uvloop: epoll, socket reads, picows frame parsing, callback dispatch (C)"
     if where.startswith("tether/"):
-        return "tether Python: dispatch, Conn, eager coroutine step"
+        return "tether Python: listener, Conn, dispatcher, stepping the handler"
     if "tether_server.py" in where:
         return "the app's handler"
     return "other"
@@ -56,7 +58,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--md", type=Path, default=bench.ROOT / "docs" / "benchmarks.md")
     ap.add_argument("--raw", type=Path, default=bench.BENCH / "results" / "tether-profile.txt")
+    ap.add_argument("--tether-src", type=Path, help="the src/ directory tether is imported from (e.g. a mypyc build)")
+    ap.add_argument("--native", action="store_true", help="py-spy --native: C frames too (compiled modules show "
+                    "only there)")
     args = ap.parse_args()
+    if args.tether_src:
+        bench.TETHER_SRC = args.tether_src.resolve()
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     bench.build(lambda s: None)
     args.raw.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +76,8 @@ def main() -> int:
         # py-spy samples from core 1 (it competes with the generator there, not with the server)
         subprocess.run(["taskset", "-c", bench.LOADGEN_CORE, pyspy, "record", "--pid", str(srv.pid), "--duration",
                         str(int(args.seconds)), "--rate", "250", "--format", "raw", "--output",
-                        str(args.raw), "--nonblocking"], check=True, capture_output=True)
+                        str(args.raw), "--nonblocking", *(["--native"] if args.native else [])], check=True,
+                       capture_output=True)
         res = gen.wait(60)
     finally:
         srv.stop()
@@ -109,11 +117,11 @@ def main() -> int:
         f"Reading it: about {share('picows transport.send')} of the busy time is `transport.send`, i.e. one "
         f"`write(2)` per reply; {share('uvloop')} is uvloop's C loop (epoll, socket reads, picows parsing the "
         f"frame); msgspec's decode + validate and encode together are ~{share('msgspec')}. The rest, "
-        f"{share('tether Python')}, is tether's Python glue per message: the frame callback, `Conn._on_data`, "
-        "`App._handle`, stepping the handler coroutine eagerly, `Conn.emit`/`_write` (py-spy charges a frame's "
-        "time to the line it is on, so a few percent of C calls may show on the line after them). Levers, in "
-        "order: fewer writes (one write for all replies produced by one read, as the raw TCP limit does: see "
-        "its K=16 rows), then less Python per message on the emit path.\n"
+        f"{share('tether Python')}, is tether's Python glue per message: `_Listener.on_ws_frame`/`_frame`, "
+        "`Conn.on_message`, `Dispatcher.message`/`_handle`, stepping the handler coroutine eagerly, `Conn.emit`/"
+        "`write` (py-spy charges a frame's time to the line it is on, so a few percent of C calls may show on the "
+        "line after them). `python bench/micro.py --instructions` counts that Python path per message, "
+        "without the machine's noise.\n"
     )
     L.append("Top 15 functions by self time:\n")
     L.append("| function (file:line) | code at that line when profiled | self |")

@@ -62,6 +62,7 @@ class Peer:
     bcast: bool = False  # has the broadcast mode
     note: str = ""
     src: str = ""  # shown in the report; default: the script in cmd
+    gen: tuple[str, ...] = ()  # extra load generator arguments (e.g. -session)
 
 
 def _py(script: str, *args: str) -> tuple[str, ...]:
@@ -72,6 +73,12 @@ PEERS: dict[str, Peer] = {
     p.name: p
     for p in [
         Peer("tether", "tether", _py("tether_server.py"), bcast=True),
+        Peer("tether-resume", "tether, resume on", _py("tether_server.py"), bcast=True, gen=("-session",),
+             note="the same server; the generator offers a session (`Sec-WebSocket-Protocol: tether, session`, as "
+                  "tether.js and tether.Client do): replies are numbered and kept until acked, requests carry "
+                  "seq and ack (`-session`, bench/loadgen/session.go)"),
+        Peer("tether-metrics", "tether, metrics on", _py("tether_server.py", "--metrics"), bcast=True,
+             note="the same server with `metrics=True` (Prometheus metrics kept on the message path)"),
         Peer("picows-json", "picows by hand (json)", _py("picows_server.py", "json"), bcast=True),
         Peer("picows-msgspec", "picows by hand (msgspec)", _py("picows_server.py", "msgspec"), bcast=True),
         Peer("websockets", "websockets + uvloop", _py("websockets_server.py"), bcast=True),
@@ -114,6 +121,7 @@ PEERS: dict[str, Peer] = {
     ]
 }
 BASELINE = "tether"
+FEATURES = ("tether-resume", "tether-metrics")  # tether with one feature on: the cost of each, same run
 
 
 @dataclass
@@ -370,7 +378,7 @@ def measure_echo(peer: Peer, c: int, k: int, mode: Mode, binary: Path | None = N
         marks = Marks(srv)
         args = [
             "-mode=echo", f"-proto={peer.proto}", f"-addr=127.0.0.1:{srv.port}",
-            f"-c={c}", f"-k={k}", f"-warmup={mode.warmup}s", f"-duration={mode.duration}s",
+            f"-c={c}", f"-k={k}", f"-warmup={mode.warmup}s", f"-duration={mode.duration}s", *peer.gen,
         ]
         if binary is None:
             args.append(f"-server-pid={srv.pid}")
@@ -394,7 +402,7 @@ def measure_idle(peer: Peer, n: int, mode: Mode) -> dict[str, Any]:
         # warm the code paths first, so the baseline is not mostly import-time growth
         warm = Loadgen(
             ["-mode=echo", f"-proto={peer.proto}", f"-addr=127.0.0.1:{srv.port}", "-c=20", "-k=1",
-             "-warmup=0.1s", "-duration=0.3s"],
+             "-warmup=0.1s", "-duration=0.3s", *peer.gen],
             lambda e: None,
         )
         warm.wait(30)
@@ -403,7 +411,7 @@ def measure_idle(peer: Peer, n: int, mode: Mode) -> dict[str, Any]:
         holding = threading.Event()
         gen = Loadgen(
             ["-mode=idle", f"-proto={peer.proto}", f"-addr=127.0.0.1:{srv.port}", f"-n={n}", "-hold=60s",
-             "-timeout=30s"],
+             "-timeout=30s", *peer.gen],
             lambda e: holding.set() if e == "holding" else None,
             stdin=True,
         )
@@ -434,7 +442,7 @@ def measure_bcast(peer: Peer, n: int, mode: Mode) -> dict[str, Any]:
         gen = Loadgen(
             ["-mode=bcast", f"-proto={peer.proto}", f"-addr=127.0.0.1:{srv.port}", f"-n={n}",
              f"-inflight={mode.bcast_inflight}", f"-lat={mode.bcast_lat}", f"-warmup={mode.warmup}s",
-             f"-duration={mode.duration}s", "-timeout=20s", f"-server-pid={srv.pid}"],
+             f"-duration={mode.duration}s", "-timeout=20s", f"-server-pid={srv.pid}", *peer.gen],
             marks,
         )
         res = gen.wait(mode.warmup + mode.duration + 60 + n * 0.01)
@@ -842,6 +850,43 @@ def _gen_cost_lines(tasks: list[Task], mode: Mode) -> list[str]:
     return L
 
 
+def _feature_lines(summary: dict[str, Any], mode: Mode, peers: list[str]) -> list[str]:
+    """tether with each feature on against tether with it off, measured in the same runs: the cost per
+    message (server CPU) and per idle connection (memory)."""
+    shown = [p for p in FEATURES if p in peers]
+    if BASELINE not in peers or not shown:
+        return []
+    cols: list[tuple[str, str, bool]] = [(f"cpu_{_cfg(c, k)}", f"C={c:,} K={k}", True) for c, k in mode.echo_configs]
+    cols += [(f"bcpu{n}", f"broadcast 1 -> {n:,}", True) for n in mode.bcast]
+    if mode.idle_n:
+        cols.append(("idle", "idle memory", False))
+    L = ["## tether's features, on and off\n",
+         "Each feature's cost on these workloads: tether with it on against tether with it off (the `tether` rows "
+         "above), same runs, median of the per-run ratios. For the message workloads the figure is the server CPU "
+         "per message (round trip or delivery) with the feature on, as a change from off (the reciprocal of the "
+         "per server CPU-second ratio); for idle memory, the change in KiB per connection.\n"]
+    L.append("| feature | " + " | ".join(name for _, name, _ in cols) + " |")
+    L.append("|---|" + "---|" * len(cols))
+    for peer in shown:
+        cells = []
+        for fid, _, rate in cols:
+            row = summary.get(fid, {}).get("rows", {}).get(peer) or {}
+            r = row.get("ratio")
+            if r is None:
+                cells.append("-")
+            elif rate:
+                cells.append(f"{1 / r - 1:+.0%} CPU per message")
+            else:
+                base = summary[fid]["rows"].get(BASELINE, {}).get("median")
+                cells.append(f"{row['median'] - base:+.1f} KiB ({r - 1:+.0%})" if base else f"{r - 1:+.0%}")
+        L.append(f"| {PEERS[peer].label} | " + " | ".join(cells) + " |")
+    L.append("")
+    for peer in shown:
+        L.append(f"- **{PEERS[peer].label}**: {PEERS[peer].note}")
+    L.append("")
+    return L
+
+
 def render(summary: dict[str, Any], tasks: list[Task], mode: Mode, peers: list[str], info: dict[str, str],
            plot_name: str | None, command: str, started: str, elapsed: float) -> str:
     specs = figure_specs(mode)
@@ -945,6 +990,7 @@ def render(summary: dict[str, Any], tasks: list[Task], mode: Mode, peers: list[s
     if "memory" in groups:
         L.append("## Memory\n")
         table(groups["memory"], flags=False)
+    L += _feature_lines(summary, mode, peers)
 
     # targets (reported, not asserted)
     def med(fid: str, peer: str) -> float | None:

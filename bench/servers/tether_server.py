@@ -1,6 +1,10 @@
 """tether: the typed echo, exactly as its docs show.
 
-    python tether_server.py PORT
+    python tether_server.py PORT [--metrics]
+
+``--metrics``: the server keeps its Prometheus metrics (``metrics=True``, docs/deploy.md), to
+measure what they cost on the message path. Resume (sessions) is on by default for clients that
+offer it: the load generator's ``-session`` measures it.
 """
 
 import sys
@@ -36,4 +40,4 @@ async def broadcast(conn: tether.Conn, data: Echo) -> None:
     await app.broadcast("all", "broadcast", data)
 
 
-tether.run({"/": app}, host="127.0.0.1", port=PORT)  # blocking; uses uvloop when installed
+tether.run({"/": app}, host="127.0.0.1", port=PORT, metrics="--metrics" in sys.argv)  # blocking; uvloop when installed
