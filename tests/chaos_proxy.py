@@ -8,7 +8,9 @@
 
 A cut aborts both sides (RST to the client and to the server), the way a dropped NAT entry or
 a dead wifi link looks to both ends once they notice. ``cuts`` counts them; ``picks`` records
-which backend each connection went to, so a test can check a client moved between servers.
+which backend each connection went to, so a test can check a client moved between servers;
+``upstreams`` the local port of each connection to a backend (the client port the backend sees),
+so that a test can tell which of several processes sharing one port served it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class ChaosProxy:
         self.port = 0
         self.cuts = 0
         self.picks: list[int] = []
+        self.upstreams: list[int] = []
         self._random = random.Random(seed)
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
@@ -81,6 +84,7 @@ class ChaosProxy:
             writer.transport.abort()
             writer.close()
             return
+        self.upstreams.append(up_writer.get_extra_info("sockname")[1])
         pair = (writer, up_writer)
         self._pairs.add(pair)
         loop = asyncio.get_running_loop()
