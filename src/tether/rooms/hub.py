@@ -51,7 +51,7 @@ __all__ = ["Hub", "Member", "History", "make_broker", "is_shared", "pack", "unpa
 
 logger = logging.getLogger("tether.rooms")
 
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 
 
 def make_broker(setting: str | Broker | None) -> Broker:
@@ -59,7 +59,8 @@ def make_broker(setting: str | Broker | None) -> Broker:
 
     ``None`` or ``"memory://"`` -> :class:`MemoryBroker`; ``"redis://..."`` or
     ``"rediss://..."`` -> :class:`tether.rooms.redis.RedisBroker` (needs
-    ``pip install 'tether[redis]'``); a :class:`Broker` instance is used as is.
+    ``pip install 'tether[redis]'``), on a Redis Cluster with ``"redis+cluster://host:port[,...]"``
+    or ``"rediss+cluster://..."``; a :class:`Broker` instance is used as is.
     Raises ``ValueError`` for any other string.
     """
     if setting is None or setting == "memory://":
@@ -70,7 +71,7 @@ def make_broker(setting: str | Broker | None) -> Broker:
         from .redis import RedisBroker  # redis is an optional extra: import it only when asked
 
         return RedisBroker(setting)
-    raise ValueError(f"unknown broker {setting!r}: use None, 'memory://', 'redis://host:port/db' or a Broker")
+    raise ValueError(f"unknown broker {setting!r}: use None, 'memory://', 'redis://host:port/db', 'redis+cluster://host:port' or a Broker")
 
 
 def is_shared(setting: str | Broker | None) -> bool:

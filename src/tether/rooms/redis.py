@@ -70,13 +70,24 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote
 
 try:
     import redis.asyncio as aioredis
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
-    from redis.exceptions import NoScriptError, RedisError
+    from redis.crc import key_slot
+    from redis.exceptions import (
+        AskError,
+        ClusterError,
+        NoScriptError,
+        RedisClusterException,
+        RedisError,
+        TryAgainError,
+    )
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - exercised by tests with redis hidden
     raise ImportError("tether's Redis broker needs redis-py: pip install 'tether[redis]'") from exc
 
@@ -84,11 +95,16 @@ from ..proto.backoff import Backoff
 from ..proto.resume import EPOCH, LOST, Gap
 from .broker import Broker, Deliver, History, Release
 
-__all__ = ["RedisBroker", "LinkState", "Track"]
+__all__ = ["RedisBroker", "LinkState", "Track", "ShardedPubSub", "SlotMoved", "cluster_settings"]
 
 logger = logging.getLogger("tether.redis")
 
-_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+# RedisClusterException: a cluster out of reach ("cannot be connected"), a slot not covered.
+_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+# A reply in a cluster pipeline saying its command may not have run, or did not: the node's
+# connection failed, the cluster is down, its slot is moving. The session ends on it.
+_UNCONFIRMED = (RedisConnectionError, RedisTimeoutError, ClusterError, TryAgainError, AskError, RedisClusterException, OSError)
+_CLUSTER_SCHEMES: Final = ("redis+cluster://", "rediss+cluster://")
 
 #: ``on_gap(room, gap)`` (:class:`tether.rooms.broker.LostGap`).
 OnGap = Callable[[str, Gap], None]
@@ -106,12 +122,47 @@ end
 return removed
 """
 
+# One member joins (or updates its meta) on this node, atomically (a script, not MULTI: a
+# cluster pipeline cannot hold a transaction). KEYS: 1 this node's presence hash, 2 the node
+# set. ARGV: 1 member, 2 meta, 3 this node, 4 the TTL (ms).
+_PUT_MEMBER = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+# This node's presence in one room, replaced atomically (a reader never sees the hash gone
+# while it is rewritten, which would drop the node from the set): with members, the hash
+# holds exactly them and the node is in the set; without, both are gone.
+# KEYS: 1 the hash, 2 the node set. ARGV: 1 this node, 2 the TTL (ms), then member, meta...
+_REWRITE = """
+redis.call('DEL', KEYS[1])
+if #ARGV > 2 then
+  for i = 3, #ARGV, 1000 do
+    redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  end
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+else
+  redis.call('SREM', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
 # One publication to a room's stream, atomically: offset, history, pub/sub.
 # KEYS: 1 the room's meta hash, 2 its stream, 3 this broker instance's last publication seq.
 # ARGV: 1 the room's channel, 2 the data, 3 max_count, 4 max_age (ms), 5 the meta's TTL (ms),
 # 6 a fresh epoch (used only if the room has none), 7 the publication's seq, 8 the seq key's
-# TTL (ms), 9 '1' if the publication is sent again (its pipeline failed: it may have run).
+# TTL (ms), 9 '1' if the publication is sent again (its pipeline failed: it may have run),
+# 10 and 11 the epoch and offset this process delivered last in the room ('' and 0: none).
 # Returns the offset given, or 0 for a publication that ran already.
+# A room whose offset in Redis is behind what a process delivered lost its last writes (a
+# failover to a replica that had not received them, a restore from an older dump): giving
+# those offsets again would make them duplicates to whoever saw the first ones, so it starts
+# a new epoch instead (every member then gets an epoch gap).
 # Entries older than max_age are trimmed from the front at most every max_age / 8 (the meta's
 # 'cut'); reads filter by age anyway, so this bounds memory, not what a reader sees.
 _PUBLISH = r"""
@@ -124,12 +175,17 @@ end
 redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[8])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'at', 'cut')
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'at', 'cut', 'top')
 local epoch, before, cut = meta[1], tonumber(meta[2] or '0'), tonumber(meta[3] or '0')
+if epoch and epoch == ARGV[10] and tonumber(meta[4] or '0') < tonumber(ARGV[11]) then
+  epoch = nil
+end
 local fields = {'at', now}
 if not epoch then
   epoch = ARGV[6]
+  cut = 0
   redis.call('DEL', KEYS[2])
+  redis.call('HDEL', KEYS[1], 'top', 'aged', 'cut')
   fields[#fields + 1] = 'epoch'
   fields[#fields + 1] = epoch
 end
@@ -186,15 +242,21 @@ return {epoch, tonumber(redis.call('HGET', KEYS[1], 'top') or '0')}
 # The messages after offset ARGV[1] of epoch ARGV[2], as MemoryBroker.history gives them: if
 # ARGV[2] is not the room's epoch (its history was lost), the current epoch's from its start.
 # KEYS: 1 meta, 2 stream. ARGV: 1 after, 2 epoch, 3 limit, 4 max_count, 5 max_age (ms),
-# 6 a fresh epoch, 7 the meta's TTL (ms).
+# 6 a fresh epoch, 7 the meta's TTL (ms), 8 '1' if ``after`` is what this process delivered
+# (a repair): then a room behind it in the same epoch lost its last writes and starts a new
+# epoch, as in _PUBLISH (an offset a client claims does not do that).
 # Returns {epoch, top, reason, first, offset, data, offset, data...}: the messages kept from
 # offset first on; reason '' (nothing missing), or why the ones before first are missing:
 # 'trimmed', 'expired', 'too_many' (then none are replayed), 'epoch' (another epoch).
 _HISTORY = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch and ARGV[8] == '1' and epoch == ARGV[2] and tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'top') or '0') then
+  epoch = nil
+end
 if not epoch then
   epoch = ARGV[6]
   redis.call('DEL', KEYS[2])
+  redis.call('HDEL', KEYS[1], 'aged', 'cut', 'at')
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
   redis.call('PEXPIRE', KEYS[1], ARGV[7])
 end
@@ -406,11 +468,150 @@ def _history_reply(reply: list[Any], after: int) -> tuple[str, int, list[tuple[i
     return epoch, head, items, Gap(0 if reason == EPOCH else after + 1, first - 1, reason, epoch)
 
 
+class SlotMoved(RedisError):
+    """A shard channel's slot is no longer where this session subscribed to it (a failover
+    or a resharding moved it): the session ends, the next one reads the slot map again."""
+
+
+class ShardedPubSub:
+    """Sharded pub/sub on a Redis Cluster (Redis >= 7: ``SSUBSCRIBE``): one connection per
+    master, each channel subscribed on the master that owns its slot in the slot map read when
+    the session started, one reader per connection.
+
+    The same calls as redis-py's ``PubSub`` where the broker uses them (``subscribe``,
+    ``unsubscribe``, ``aclose``), and :meth:`run` in the place of a ``get_message`` loop. A
+    channel's slot moving (its old master answers ``SUNSUBSCRIBE`` unasked, as a master does
+    when a failover demotes it, or a command there is redirected), a connection lost, or a
+    slot without an owner ends :meth:`run` with the error: the broker's session ends and the
+    next one starts from a fresh slot map (redis-py's own ``ClusterPubSub`` polls its nodes in
+    turn, and follows a moved slot on its own, behind the broker's back)."""
+
+    def __init__(self, owners: dict[int, str], clients: dict[str, Any]) -> None:
+        self._owners = owners  # slot -> master name (host:port)
+        self._clients = clients  # master name -> a Redis client of that node alone
+        self._pubsubs = {name: client.pubsub() for name, client in clients.items()}
+        self._where: dict[bytes, str] = {}  # channel -> the master it is subscribed on
+        self._leaving: dict[bytes, int] = {}  # SUNSUBSCRIBE sent, its answer not read yet
+        self._failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def connect(self) -> None:
+        """Open every master's connection (a master out of reach fails the session now)."""
+        await asyncio.gather(*(pubsub.connect() for pubsub in self._pubsubs.values()))
+
+    def _fail(self, exc: Exception) -> None:
+        if not self._failed.done():
+            self._failed.set_exception(exc)
+
+    async def subscribe(self, *channels: bytes) -> None:
+        by_slot: dict[int, list[bytes]] = {}
+        for channel in channels:
+            by_slot.setdefault(key_slot(channel), []).append(channel)
+        for slot, group in by_slot.items():  # one SSUBSCRIBE per slot: more is CROSSSLOT
+            name = self._owners.get(slot)
+            if name is None:
+                exc = SlotMoved(f"slot {slot} has no master in this session's slot map")
+                self._fail(exc)
+                raise exc
+            for channel in group:
+                self._where[channel] = name
+            await self._pubsubs[name].ssubscribe(*group)
+
+    async def unsubscribe(self, *channels: bytes) -> None:
+        for channel in channels:
+            name = self._where.pop(channel, None)
+            if name is not None:
+                self._leaving[channel] = self._leaving.get(channel, 0) + 1
+                await self._pubsubs[name].sunsubscribe(channel)
+
+    async def run(self, handle: Callable[[dict[str, Any]], None]) -> None:
+        """Read every master's messages into ``handle`` (types ``message`` and ``subscribe``,
+        as plain pub/sub names them) until one fails; raise its error."""
+        loop = asyncio.get_running_loop()
+        readers = [loop.create_task(self._reader(name, pubsub, handle)) for name, pubsub in self._pubsubs.items()]
+        try:
+            done, _ = await asyncio.wait([*readers, self._failed], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise SlotMoved("a shard reader ended")  # not reached: readers end by failing
+        finally:
+            for task in readers:
+                task.cancel()
+            await asyncio.wait(readers, timeout=1.0)
+
+    async def _reader(self, name: str, pubsub: Any, handle: Callable[[dict[str, Any]], None]) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            kind = message["type"]
+            kind = kind.decode() if isinstance(kind, bytes) else kind
+            channel = message["channel"]
+            if kind == "smessage":
+                handle({"type": "message", "channel": channel, "data": message["data"]})
+            elif kind == "ssubscribe":
+                handle({"type": "subscribe", "channel": channel, "data": message["data"]})
+            elif kind == "sunsubscribe":
+                leaving = self._leaving.get(channel, 0)
+                if leaving > 1:
+                    self._leaving[channel] = leaving - 1
+                elif leaving == 1:
+                    del self._leaving[channel]
+                elif self._where.get(channel) == name:
+                    raise SlotMoved(f"{name} no longer serves shard channel {channel!r}: its slot moved")
+
+    async def aclose(self) -> None:
+        for pubsub in self._pubsubs.values():
+            try:
+                await pubsub.aclose()
+            except _ERRORS:
+                pass
+        for client in self._clients.values():
+            try:
+                await client.aclose()
+            except _ERRORS:
+                pass
+        if not self._failed.done():
+            self._failed.cancel()
+        elif not self._failed.cancelled():
+            self._failed.exception()  # retrieved: no "never retrieved" warning
+
+
+def cluster_settings(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """``redis+cluster://[user[:password]@]host:port[,host:port...][/0]`` (``rediss+cluster://``
+    for TLS; ``redis://`` and ``rediss://`` with one host are taken too): the seed nodes and the
+    connection settings every node shares. Raises ``ValueError``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis+cluster", "rediss+cluster", "redis", "rediss"):
+        raise ValueError(f"not a Redis Cluster URL: {_redact(url)!r}")
+    netloc, _, path = rest.partition("/")
+    path = path.partition("?")[0]
+    if path not in ("", "0"):
+        raise ValueError("a Redis Cluster has database 0 only")
+    userinfo, at, hosts = netloc.rpartition("@")
+    settings: dict[str, Any] = {"ssl": scheme.startswith("rediss")}
+    if at:
+        user, colon, password = userinfo.partition(":")
+        settings["username"] = unquote(user) or None
+        settings["password"] = unquote(password) if colon else None
+    nodes = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon:
+            host, port = port, "6379"
+        host = host.strip("[]")
+        if not host or not port.isdigit():
+            raise ValueError(f"bad node {item!r} in {_redact(url)!r}: use host:port")
+        nodes.append((host, int(port)))
+    return nodes, settings
+
+
 class RedisBroker(Broker):
     """A :class:`tether.broker.Broker` over Redis: room streams (offsets and history) and
     pub/sub, presence kept in Redis.
 
-    Settings: ``url`` (``redis://[:password@]host:port/db``, ``rediss://`` for TLS);
+    Settings: ``url`` (``redis://[:password@]host:port/db``, ``rediss://`` for TLS; a Redis
+    Cluster: ``redis+cluster://[:password@]host:port[,host:port...]``, ``rediss+cluster://``,
+    or ``cluster=True`` with any of these: the hosts are seeds, the rest is discovered);
     ``prefix`` of every key and channel; ``presence_ttl`` (seconds a dead process's members
     stay listed, at most) and ``heartbeat_interval`` (must be well below it); ``history``,
     the default bounds of a room's history (1,000 messages, 120 s; per room:
@@ -430,6 +631,7 @@ class RedisBroker(Broker):
         self,
         url: str = "redis://127.0.0.1:6379/0",
         *,
+        cluster: bool | None = None,
         prefix: str = "tether",
         # Presence
         presence_ttl: float = 15.0,
@@ -450,7 +652,13 @@ class RedisBroker(Broker):
             raise ValueError("need 0 < heartbeat_interval < presence_ttl")
         if meta_ttl <= 0 or max_repair < 1:
             raise ValueError("need meta_ttl > 0 and max_repair >= 1")
+        is_cluster_url = url.startswith(_CLUSTER_SCHEMES)
+        if cluster is False and is_cluster_url:
+            raise ValueError("a redis+cluster:// URL with cluster=False")
         self.url = url
+        #: A Redis Cluster (Redis >= 7): sharded pub/sub, one connection per master.
+        self.cluster = is_cluster_url if cluster is None else cluster
+        self._seeds, self._settings = cluster_settings(url) if self.cluster else ([], {})
         self.prefix = prefix
         self.presence_ttl = presence_ttl
         self.heartbeat_interval = heartbeat_interval
@@ -514,6 +722,10 @@ class RedisBroker(Broker):
 
     # -- keys --------------------------------------------------------------------------
     def _channel(self, room: str) -> bytes:
+        """The room's channel; on a cluster a shard channel under the room's hash tag (the
+        publish script's SPUBLISH must stay in its keys' slot)."""
+        if self.cluster:
+            return f"{self.prefix}:{{r:{room}}}:room".encode()
         return f"{self.prefix}:room:{room}".encode()
 
     def _key(self, room: str, name: str) -> str:
@@ -530,24 +742,35 @@ class RedisBroker(Broker):
         return [self._key(room, "meta"), self._key(room, "stream")]
 
     def _node_channel(self, node: str) -> bytes:
+        if self.cluster:
+            return f"{self.prefix}:{{n:{node}}}:node".encode()
         return f"{self.prefix}:node:{node}".encode()
 
     def _session_key(self, token: str) -> str:
-        return f"{self.prefix}:session:{token}"
+        """A session's state; its version is ``<this>:v``, in the same slot (hash tag
+        ``{s:<token>}``): the save script reads and writes both."""
+        return f"{self.prefix}:{{s:{token}}}"
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self, node: str, deliver: Deliver) -> None:
         """Connect; returns after the first attempt (connected or not: then it retries)."""
         self._node, self._deliver = node, deliver
-        self._client = aioredis.Redis.from_url(
-            self.url,
-            socket_connect_timeout=self.connect_timeout,
-            socket_timeout=self.command_timeout,
-            retry=Retry(NoBackoff(), 0),  # we reconnect ourselves; never block a caller retrying
-            client_name=f"{self.prefix}:{node}",
-        )
+        common: dict[str, Any] = {
+            "socket_connect_timeout": self.connect_timeout,
+            "socket_timeout": self.command_timeout,
+            "retry": Retry(NoBackoff(), 0),  # we reconnect ourselves; never block a caller retrying
+            "client_name": f"{self.prefix}:{node}",
+        }
+        if self.cluster:
+            # No retries in redis-py either: a stream publication sent again must say so (the
+            # script applies it once). MOVED and ASK are still followed (the command did not run).
+            self._client = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in self._seeds], **self._settings, **common)
+        else:
+            self._client = aioredis.Redis.from_url(self.url, **common)
         self._drop_gone = self._client.register_script(_DROP_GONE)
-        for name, body in (("publish", _PUBLISH), ("position", _POSITION), ("history", _HISTORY), ("save_session", _SAVE_SESSION)):
+        publish = _PUBLISH.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'") if self.cluster else _PUBLISH
+        scripts = (("publish", publish), ("position", _POSITION), ("history", _HISTORY), ("save_session", _SAVE_SESSION), ("put_member", _PUT_MEMBER), ("rewrite", _REWRITE))
+        for name, body in scripts:
             self._scripts[name] = self._client.register_script(body)
         loop = asyncio.get_running_loop()
         self._first = loop.create_future()
@@ -636,10 +859,11 @@ class RedisBroker(Broker):
     async def _session(self) -> None:
         """One connection: subscribe, resync presence and streams, then read until the link
         fails."""
-        pubsub = self._client.pubsub()
+        pubsub: Any = None
         try:
+            pubsub = await self._open_pubsub()
             await self._load_scripts()
-            channels = [f"{self.prefix}:node:{self._node}".encode(), *self._rooms]
+            channels = [self._node_channel(self._node), *self._rooms]
             confirmed = self._expect(channels[1:])
             await pubsub.subscribe(*channels)
             await self._sync_presence()
@@ -660,9 +884,43 @@ class RedisBroker(Broker):
         finally:
             self._pubsub = None
             try:
-                await pubsub.aclose()
+                if pubsub is not None:
+                    await pubsub.aclose()
             except _ERRORS:
                 pass
+
+    async def _open_pubsub(self) -> Any:
+        """Plain Redis: a ``PubSub`` on the client. A cluster: the slot map read afresh (the
+        last session may have ended on a failover) and a :class:`ShardedPubSub` on its
+        masters, every connection open."""
+        if not self.cluster:
+            return self._client.pubsub()
+        await self._client.initialize()  # the first time (or after redis-py saw a node fail)
+        await self._client.nodes_manager.initialize()  # the slot map, read again
+        owners: dict[int, str] = {}
+        masters: dict[str, tuple[str, int]] = {}
+        for slot, nodes in self._client.nodes_manager.slots_cache.items():
+            owners[slot] = nodes[0].name
+            masters[nodes[0].name] = (nodes[0].host, nodes[0].port)
+        clients = {
+            name: aioredis.Redis(
+                host=host,
+                port=port,
+                **self._settings,
+                socket_connect_timeout=self.connect_timeout,
+                socket_timeout=self.command_timeout,
+                retry=Retry(NoBackoff(), 0),
+                client_name=f"{self.prefix}:{self._node}",
+            )
+            for name, (host, port) in masters.items()
+        }
+        pubsub = ShardedPubSub(owners, clients)
+        try:
+            await asyncio.wait_for(pubsub.connect(), self.connect_timeout + self.command_timeout)
+        except BaseException:
+            await pubsub.aclose()
+            raise
+        return pubsub
 
     async def _load_scripts(self) -> None:
         """Load the stream scripts (a restarted Redis has none): pipelines call them by sha."""
@@ -717,17 +975,22 @@ class RedisBroker(Broker):
             self._first.set_result(None)
 
     async def _read(self, pubsub: Any) -> None:
+        if isinstance(pubsub, ShardedPubSub):
+            await pubsub.run(self._on_message)
+            return
         while not self._session_over:
             message = await pubsub.get_message(timeout=None)
-            if message is None:
-                continue
-            kind, channel = message["type"], message["channel"]
-            if kind == b"message" or kind == "message":
-                self._on_publication(channel, message["data"])
-            elif kind == b"subscribe" or kind == "subscribe":
-                for fut in self._waiters.pop(channel, ()):
-                    if not fut.done():
-                        fut.set_result(None)
+            if message is not None:
+                self._on_message(message)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        kind, channel = message["type"], message["channel"]
+        if kind == b"message" or kind == "message":
+            self._on_publication(channel, message["data"])
+        elif kind == b"subscribe" or kind == "subscribe":
+            for fut in self._waiters.pop(channel, ()):
+                if not fut.done():
+                    fut.set_result(None)
 
     def _on_publication(self, channel: bytes, data: bytes) -> None:
         room = self._rooms.get(channel)
@@ -798,19 +1061,23 @@ class RedisBroker(Broker):
         snapshot = {room: dict(self._local.get(room, {})) for room in rooms}
         self._dirty -= rooms
         ttl = self._ttl_ms()
+        sha = self._scripts["rewrite"].sha
         try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                for room, members in snapshot.items():
-                    key = self._hash(room)
-                    pipe.delete(key)
-                    if members:
-                        pipe.hset(key, mapping=members)
-                        pipe.pexpire(key, ttl)
-                        pipe.sadd(self._nodes(room), self._node)
-                        pipe.pexpire(self._nodes(room), ttl)
-                    else:
-                        pipe.srem(self._nodes(room), self._node)
-                await pipe.execute()
+            for attempt in range(2):
+                # One script per room (atomic per room, as a reader needs; rooms live on
+                # different cluster slots, so no transaction could hold them all).
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for room, members in snapshot.items():
+                        pairs = [item for member in members.items() for item in member]
+                        pipe.execute_command("EVALSHA", sha, 2, self._hash(room), self._nodes(room), self._node, ttl, *pairs)
+                    results = await pipe.execute(raise_on_error=False)
+                errors = [result for result in results if isinstance(result, Exception)]
+                if not errors:
+                    break
+                if attempt == 0 and all(isinstance(error, NoScriptError) for error in errors):
+                    await self._load_scripts()  # a restarted Redis, a new master: load, again
+                    continue
+                raise errors[0]
         except BaseException:
             self._dirty |= rooms  # not written: the next heartbeat or session tries again
             raise
@@ -849,7 +1116,13 @@ class RedisBroker(Broker):
             for room, data, seq in batch:
                 if seq:
                     args = self._args.get(room) or self._publish_args(room)
-                    pipe.evalsha(sha, 3, *args[:4], data, *args[4:], epoch, b"%d" % abs(seq), _SEQ_TTL_MS, b"1" if seq < 0 else b"0")
+                    state = self._tracks.get(room)
+                    known = (state.track.epoch or "", state.track.last or 0) if state is not None else ("", 0)
+                    again = b"1" if seq < 0 else b"0"
+                    # EVALSHA as a raw command: redis-py's cluster pipeline refuses pipe.evalsha
+                    pipe.execute_command("EVALSHA", sha, 3, *args[:4], data, *args[4:], epoch, b"%d" % abs(seq), _SEQ_TTL_MS, again, *known)
+                elif self.cluster:
+                    pipe.spublish(self._channel(room), data)
                 else:
                     pipe.publish(self._channel(room), data)
             results: list[Any] = await pipe.execute(raise_on_error=False)
@@ -883,11 +1156,17 @@ class RedisBroker(Broker):
         self._bound_outbox()
 
     async def _confirmed(self, batch: list[tuple[str, bytes, int]], results: list[Any]) -> None:
-        unknown: list[tuple[str, bytes, int]] = []  # the script was gone (SCRIPT FLUSH)
+        unknown: list[tuple[str, bytes, int]] = []  # the script was gone (SCRIPT FLUSH, a new master)
         refused: list[Exception] = []
+        unsure: list[tuple[str, bytes, int]] = []  # a cluster node failed under them: maybe run
+        failure: Exception | None = None
         for entry, result in zip(batch, results, strict=True):
             if isinstance(result, NoScriptError):
                 unknown.append(entry)
+                unsure.append(entry)
+            elif isinstance(result, _UNCONFIRMED):
+                unsure.append(entry)
+                failure = failure or result
             elif isinstance(result, Exception):
                 refused.append(result)
             else:
@@ -895,6 +1174,12 @@ class RedisBroker(Broker):
         if refused:
             self.dropped += len(refused)
             logger.warning("Redis refused %d publications (%s); dropped", len(refused), refused[0])
+        if failure is not None:
+            # A cluster pipeline is one pipeline per master: the others' replies are in. What
+            # the failed master had is handled as a failed pipeline (sent again, marked: the
+            # script applies each once; raw ones dropped), and the session ends.
+            self._unconfirmed(unsure)
+            raise failure
         if unknown:
             await self._load_scripts()
             self._outbox.extendleft(reversed(unknown))
@@ -951,7 +1236,7 @@ class RedisBroker(Broker):
                             track.position(epoch, head)
                         else:
                             after, current = track.last, track.epoch
-                            epoch, _, items, gap = await self._read_stream(room, after, current, self.max_repair)
+                            epoch, _, items, gap = await self._read_stream(room, after, current, self.max_repair, repair=True)
                             if self._tracks.get(room) is not state:
                                 return
                             out = track.read(epoch, items, gap)
@@ -1022,13 +1307,15 @@ class RedisBroker(Broker):
         epoch, ttl, sha = secrets.token_hex(4), int(self.meta_ttl * 1000), self._scripts["position"].sha
         async with self._client.pipeline(transaction=False) as pipe:
             for room in rooms:
-                pipe.evalsha(sha, 2, *self._stream_keys(room), epoch, ttl)
+                pipe.execute_command("EVALSHA", sha, 2, *self._stream_keys(room), epoch, ttl)
             replies = await pipe.execute()
         return [(reply[0].decode(), int(reply[1])) for reply in replies]
 
-    async def _read_stream(self, room: str, after: int, epoch: str | None, limit: int) -> tuple[str, int, list[tuple[int, bytes]], Gap | None]:
+    async def _read_stream(
+        self, room: str, after: int, epoch: str | None, limit: int, *, repair: bool = False
+    ) -> tuple[str, int, list[tuple[int, bytes]], Gap | None]:
         bounds = self._bounds.get(room, self.history_bounds)
-        args = [after, epoch or "", limit, bounds.max_count, int(bounds.max_age * 1000), secrets.token_hex(4), int(self.meta_ttl * 1000)]
+        args = [after, epoch or "", limit, bounds.max_count, int(bounds.max_age * 1000), secrets.token_hex(4), int(self.meta_ttl * 1000), "1" if repair else "0"]
         return _history_reply(await self._scripts["history"](keys=self._stream_keys(room), args=args), after)
 
     # -- Broker --------------------------------------------------------------------------
@@ -1167,12 +1454,18 @@ class RedisBroker(Broker):
         self._releases[request] = future
         try:
             message = b" ".join((b"release", token.encode(), self._node.encode(), request))
-            await self._client.publish(self._node_channel(node), message)
+            await self._publish_now(self._node_channel(node), message)
             await asyncio.wait_for(future, wait)
         except (TimeoutError, *_ERRORS):
             logger.info("node %s did not release session in time; resuming from what it saved", node)
         finally:
             self._releases.pop(request, None)
+
+    async def _publish_now(self, channel: bytes, message: bytes) -> None:
+        if self.cluster:
+            await self._client.spublish(channel, message)  # to the channel's shard only
+        else:
+            await self._client.publish(channel, message)
 
     def on_release(self, handler: Release) -> None:
         self._release_handlers.append(handler)
@@ -1195,7 +1488,7 @@ class RedisBroker(Broker):
         except Exception:
             logger.exception("releasing a session failed")
         try:
-            await self._client.publish(self._node_channel(requester), b"released " + request)
+            await self._publish_now(self._node_channel(requester), b"released " + request)
         except _ERRORS as exc:
             logger.debug("could not answer a release request (%s)", exc)
 
@@ -1209,14 +1502,9 @@ class RedisBroker(Broker):
             # taken before this join.
             self._dirty.add(room)
             return
-        ttl = self._ttl_ms()
         try:
-            async with self._presence_lock, self._client.pipeline(transaction=True) as pipe:
-                pipe.hset(self._hash(room), member, meta)
-                pipe.pexpire(self._hash(room), ttl)
-                pipe.sadd(self._nodes(room), self._node)
-                pipe.pexpire(self._nodes(room), ttl)
-                await pipe.execute()
+            async with self._presence_lock:
+                await self._scripts["put_member"](keys=[self._hash(room), self._nodes(room)], args=[member, meta, self._node, self._ttl_ms()])
                 self._synced.add(room)
         except _ERRORS as exc:
             self._dirty.add(room)
@@ -1288,10 +1576,10 @@ return 1
 
 
 def _redact(url: str) -> str:
-    """``url`` without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` without its password, for logs (any number of hosts)."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{hosts}{slash}{tail}"
