@@ -7,6 +7,8 @@ The only module that imports redis (``pip install 'tether[redis]'``).
     tether.run(app, port=8000, workers=4, broker="redis://127.0.0.1:6379/0")
     # or, to tune it:
     tether.run(app, broker=RedisBroker("redis://...", presence_ttl=10, heartbeat_interval=3))
+    # a Redis Cluster (Redis >= 7):
+    tether.run(app, workers=4, broker="redis+cluster://10.0.0.5:7000,10.0.0.6:7000")
 
 * **Keys**: every key of a room carries the Redis Cluster hash tag ``{r:<room>}``, so a
   room's keys live on one shard: ``<prefix>:{r:<room>}:meta`` (hash: ``epoch``, ``top`` = the
@@ -39,7 +41,8 @@ The only module that imports redis (``pip install 'tether[redis]'``).
   published once; the publishing process drops its own copy (it delivered locally already).
 * **Presence**: one hash per room and process (``<prefix>:{r:<room>}:presence:<node>``,
   member id -> JSON meta) plus a set of the processes in the room (``...:nodes``), all with
-  a TTL of ``presence_ttl`` seconds. Joins and leaves write their member (HSET, HDEL); a
+  a TTL of ``presence_ttl`` seconds. Joins and leaves write their member (a script: HSET and
+  the TTLs; HDEL); a
   heartbeat every ``heartbeat_interval`` seconds only renews the TTLs (one pipelined PEXPIRE
   per key). A key the renewal finds gone (evicted, or expired during a long pause) has its
   room rewritten, as has a room whose write failed; the whole presence is rewritten after
@@ -56,6 +59,22 @@ The only module that imports redis (``pip install 'tether[redis]'``).
   ``dropped``). On reconnect the broker resubscribes, repairs every room from its last
   delivered offset, and rewrites its presence (a restarted Redis has none); presence lists
   show only this process's members meanwhile.
+* **Lost writes**: a room whose offset in Redis is behind what this process delivered (a
+  failover to a replica that had not received the last writes) starts a new epoch, by the
+  publish script (told the epoch and offset this process delivered last) or by a repair's
+  history read: never the same offset for two messages.
+* **Redis Cluster** (``redis+cluster://host:port[,host:port...]`` or ``cluster=True``): every
+  multi-key script is single-slot (a room's keys share ``{r:<room>}``; a session's two keys
+  ``{s:<token>}``); the room's channel is a shard channel in the room's slot
+  (``<prefix>:{r:<room>}:room``), SPUBLISHed by the publish script and for raw messages, and
+  the node channels are shard channels too (``<prefix>:{n:<node>}:node``). Each session
+  reads the slot map and opens one pub/sub connection per master (:class:`ShardedPubSub`):
+  each channel is SSUBSCRIBEd on its slot's master. A master lost, a slot moved (the old
+  master answers SUNSUBSCRIBE unasked) or a redirected SSUBSCRIBE ends the session; the next
+  one starts from a fresh slot map and repairs every room as after any reconnect. Commands
+  go through redis-py's ``RedisCluster`` with no retries (MOVED and ASK are followed: the
+  command had not run); a pipeline is one per master, and the publications of a master that
+  failed under it are handled as a failed pipeline.
 """
 
 from __future__ import annotations
