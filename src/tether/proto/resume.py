@@ -160,29 +160,49 @@ class HistoryBudget:
     """All rooms' history together, in bytes: past ``max_bytes`` the oldest entries of any
     room go first. One per process."""
 
-    __slots__ = ("max_bytes", "size", "_order")
+    __slots__ = ("max_bytes", "size", "count", "_order")
 
     def __init__(self, max_bytes: int = 64 << 20) -> None:
         self.max_bytes = max_bytes
         self.size = 0
+        #: Entries kept, all rooms together.
+        self.count = 0
         # (log, offset, size) in append order across every room: the front is the oldest.
+        # A slot whose entry its log dropped by itself (count or age) is stale: dropped when it
+        # reaches the front, or when stale slots outnumber live ones (so the order stays
+        # within twice the entries kept, and holds no log nobody else does).
         self._order: deque[tuple[RoomLog, int, int]] = deque()
 
     def added(self, log: RoomLog, offset: int, size: int) -> None:
-        self._order.append((log, offset, size))
+        order = self._order
+        order.append((log, offset, size))
         self.size += size
-        while self.size > self.max_bytes and self._order:
-            old_log, old_offset, old_size = self._order.popleft()
-            self.size -= old_size
-            old_log.evict_through(old_offset)
+        self.count += 1
+        while self.size > self.max_bytes and order:
+            old_log, old_offset, old_size = order.popleft()
+            if _holds(old_log, old_offset):  # a stale slot's bytes were freed already
+                self.size -= old_size
+                self.count -= 1
+                old_log.evict_through(old_offset)
+        while order and not _holds(order[0][0], order[0][1]):
+            order.popleft()
+        if len(order) > 2 * self.count + 64:
+            self._order = deque(slot for slot in order if _holds(slot[0], slot[1]))
 
     def removed(self, size: int) -> None:
-        """A log dropped entries by itself (count or age): ``size`` bytes are free again.
+        """A log dropped an entry by itself (count or age): ``size`` bytes are free again.
 
-        Their slots in the order stay until they reach the front (evicting them again is a
-        no-op), so this is O(1).
+        Its slot in the order stays until it reaches the front or the order is compacted, so
+        this is O(1).
         """
         self.size -= size
+        self.count -= 1
+
+
+def _holds(log: RoomLog, offset: int) -> bool:
+    """Whether ``log`` still keeps the entry at ``offset`` (entries leave from the front)."""
+    entries = log.entries
+    return bool(entries) and entries[0][0] <= offset
 
 
 class RoomLog:
