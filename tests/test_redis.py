@@ -15,15 +15,33 @@ import time
 from typing import Any, Callable
 
 import pytest
-import redis.asyncio as aioredis
 
 import tether
 from tether.rooms.broker import MemoryBroker
 from tether.rooms.hub import is_shared, make_broker
 from tests.conftest import timeout
-from tests.redis_fixture import AppProcess, Peer, RedisServer, app_processes, close_peers, eventually, open_peers, redis_server  # noqa: F401
+from tests.redis_fixture import (  # noqa: F401  (fixtures)
+    AnyRedis,
+    AppProcess,
+    Peer,
+    any_redis,
+    app_processes,
+    close_peers,
+    eventually,
+    open_peers,
+    redis_cluster,
+    redis_cluster_session,
+)
+
+RedisServer = AnyRedis
 
 pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def redis_server(any_redis: AnyRedis) -> AnyRedis:
+    """Every test here that takes a Redis runs on a redis-server and on a Redis Cluster."""
+    return any_redis
 
 Start = Callable[..., AppProcess]
 
@@ -225,8 +243,9 @@ async def _state_is(broker: Any, state: Any, seconds: float = 5) -> None:
 async def test_redis_broker_counts_a_batch_lost_in_a_failed_pipeline_as_dropped(redis_server: RedisServer) -> None:
     from tether.redis_broker import LinkState
 
+    admin = redis_server.admin()
+    await admin.ping()  # a cluster client reads the slot map and the command table now, not mid-test
     broker, _ = await _started(redis_server.url, NODE_A, command_timeout=30, backoff_cap=0.2)
-    admin = aioredis.Redis.from_url(redis_server.url)
     try:
         async with timeout(20):
             await admin.client_pause(30_000)  # Redis holds every command: the pipeline cannot finish
@@ -300,8 +319,9 @@ async def _command_calls(admin: Any) -> dict[str, int]:
 
 async def test_redis_broker_heartbeat_only_renews_ttls_and_restores_a_deleted_key(redis_server: RedisServer) -> None:
     ttl, interval = 2.0, 0.2
+    admin = redis_server.admin(decode_responses=True)
+    await admin.ping()  # a cluster client reads the slot map and the command table now, not mid-test
     broker, _ = await _started(redis_server.url, NODE_A, presence_ttl=ttl, heartbeat_interval=interval)
-    admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     rooms = ["r1", "r2", "r3"]
     expected = {room: {f"{room}.{m}": f'{{"m":{m}}}' for m in range(3)} for room in rooms}
     try:
@@ -353,8 +373,9 @@ async def test_redis_broker_heartbeat_only_renews_ttls_and_restores_a_deleted_ke
 async def test_redis_broker_presence_writes_that_failed_reach_redis_later(redis_server: RedisServer) -> None:
     from tether.redis_broker import LinkState
 
+    admin = redis_server.admin(decode_responses=True)
+    await admin.ping()  # a cluster client reads the slot map and the command table now, not mid-test
     broker, _ = await _started(redis_server.url, NODE_A, presence_ttl=2.0, heartbeat_interval=0.2, backoff_cap=0.2)
-    admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     key = f"tether:{{r:r}}:presence:{NODE_A}"
 
     async def listed(*members: str) -> bool:
@@ -376,7 +397,7 @@ async def test_redis_broker_presence_writes_that_failed_reach_redis_later(redis_
             await broker.drop_member("r", "one")
             redis_server.start()  # empty
             await admin.aclose()
-            admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+            admin = redis_server.admin(decode_responses=True)
             await eventually(lambda: listed("two", "three"), 10, "presence rewritten after the reconnect")
     finally:
         await broker.close()

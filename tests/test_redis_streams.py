@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 import tether
 from tether.proto.backoff import Backoff
@@ -33,9 +32,28 @@ from tether.rooms.broker import History, MemoryBroker, MemoryBus
 from tether.rooms.redis import DELIVER, HELD, SEEN, Track
 from tests.chaos_proxy import ChaosProxy
 from tests.conftest import timeout, within
-from tests.redis_fixture import AppProcess, Peer, RedisServer, app_processes, close_peers, eventually, open_peers, redis_server  # noqa: F401
+from tests.redis_fixture import (  # noqa: F401  (fixtures)
+    AnyRedis,
+    AppProcess,
+    Peer,
+    any_redis,
+    app_processes,
+    close_peers,
+    eventually,
+    open_peers,
+    redis_cluster,
+    redis_cluster_session,
+)
+
+RedisServer = AnyRedis
 
 pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def redis_server(any_redis: AnyRedis) -> AnyRedis:
+    """Every test here that takes a Redis runs on a redis-server and on a Redis Cluster."""
+    return any_redis
 
 NODE_A, NODE_B = "aaaaaaaaaaaa", "bbbbbbbbbbbb"
 
@@ -177,7 +195,8 @@ async def brokers(redis_server: RedisServer) -> AsyncIterator[Start]:
 
 @pytest.fixture
 async def admin(redis_server: RedisServer) -> AsyncIterator[Any]:
-    client = aioredis.Redis.from_url(redis_server.url)
+    client = redis_server.admin()
+    await client.ping()  # a cluster client reads the slot map and the command table now, not mid-test
     yield client
     await client.aclose()
 
@@ -453,7 +472,7 @@ async def test_messages_missed_while_the_pubsub_connection_was_down_are_repaired
     allowed, B resubscribes and delivers what it missed from history, with no new traffic."""
     await admin.acl_setuser("b", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all"])
     a, got_a = await brokers(NODE_A)
-    b, got_b = await brokers(NODE_B, url=f"redis://b:pw@127.0.0.1:{redis_server.port}/0")
+    b, got_b = await brokers(NODE_B, url=redis_server.url_as("b", "pw"))
     async with timeout(30):
         await a.subscribe("r")
         await b.subscribe("r")
@@ -508,7 +527,7 @@ async def test_history_while_redis_is_away_is_a_lost_gap_or_delivered_once_it_is
     follows is delivered once Redis is reachable again."""
     await admin.acl_setuser("b", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all"])
     a, _ = await brokers(NODE_A)
-    b, got_b = await brokers(NODE_B, url=f"redis://b:pw@127.0.0.1:{redis_server.port}/0")
+    b, got_b = await brokers(NODE_B, url=redis_server.url_as("b", "pw"))
     async with timeout(30):
         await b.subscribe("r")
         for i in range(4):
@@ -655,6 +674,58 @@ def _walk(events: list[Any]) -> tuple[list[bytes], list[bytes]]:
             epochs[-1].append(data)
     assert len(epochs) == 2, f"{len(epochs) - 1} epoch gaps"
     return epochs[0], epochs[1]
+
+
+async def _lose_last_writes(admin: Any, room: str, keep: int) -> None:
+    """What a failover to a replica that had not received the last writes leaves (Redis
+    replication is asynchronous): the room's head back at ``keep``, the entries after it gone."""
+    await admin.hset(f"tether:{{r:{room}}}:meta", "top", keep)
+    for entry_id, _ in await admin.xrange(f"tether:{{r:{room}}}:stream"):
+        if int(entry_id.split(b"-")[0]) > keep:
+            await admin.xdel(f"tether:{{r:{room}}}:stream", entry_id)
+
+
+async def test_a_room_behind_what_was_delivered_starts_a_new_epoch_instead_of_giving_offsets_twice(brokers: Start, admin: Any) -> None:
+    """Redis lost a room's last writes. The next publication would get offsets both brokers
+    delivered already (and be dropped as a copy); instead the publish script, told what its
+    process delivered last, starts a new epoch: an ``epoch`` gap, then the message. Lost
+    without a publication, a reconnect's repair (its read after the offset delivered last)
+    starts the new epoch."""
+    a, got_a = await brokers(NODE_A)
+    b, got_b = await brokers(NODE_B)
+    async with timeout(30):
+        await a.subscribe("r")
+        await b.subscribe("r")
+        for i in range(5):
+            await a.publish_stream("r", b"m%d" % i)
+        await got_a.has(5)
+        await got_b.has(5)
+        old = (await a.position("r"))[0]
+        await _lose_last_writes(admin, "r", 3)
+        await b.publish_stream("r", b"after")
+        await got_a.has(6)
+        await got_b.has(6)
+        new = (await a.position("r"))[0]
+        assert new != old
+        for got in (got_a, got_b):
+            assert got.events[5:] == [("r", Gap(0, 0, "epoch", new)), ("r", 1, b"after")]
+        # Lost again, with no publication: the brokers reconnect and their repair notices.
+        await _lose_last_writes(admin, "r", 0)
+        await admin.client_kill_filter(_type="pubsub")
+        newer: list[str] = []
+
+        async def epoch_gaps() -> bool:
+            gaps = [g for g in got_a.gaps() + got_b.gaps() if g.epoch != new]
+            newer[:] = sorted({g.epoch for g in gaps if g.epoch is not None})
+            return len(gaps) == 2
+
+        await eventually(epoch_gaps, 15, "both brokers report the second epoch change")
+        await a.publish_stream("r", b"later")
+        await got_a.has(7)
+        await got_b.has(7)
+    assert len(newer) == 1 and newer[0] != new
+    for got in (got_a, got_b):
+        assert got.events[7:] == [("r", Gap(0, 0, "epoch", newer[0])), ("r", 1, b"later")]
 
 
 async def test_subscribed_rooms_keep_their_epoch_while_quiet(brokers: Start, admin: Any) -> None:
@@ -847,7 +918,7 @@ async def test_resume_after_history_expired_is_an_expired_gap(pair: Pair) -> Non
 
 
 async def test_resume_after_redis_flushed_is_an_epoch_gap_then_the_new_epoch(pair: Pair) -> None:
-    admin = aioredis.Redis.from_url(pair.redis.url)
+    admin = pair.redis.admin()
     try:
         async with timeout(20), pair.client() as client:
             seen = await _open(pair, client)
