@@ -248,7 +248,7 @@ def check_logs(caplog: pytest.LogCaptureFixture) -> None:
         if record.levelno < logging.ERROR:
             continue
         exc = record.exc_info[1] if record.exc_info else None
-        assert record.getMessage().startswith("handler failed") and isinstance(exc, ValueError) and str(exc) == "boom", record.getMessage()
+        assert record.getMessage().startswith("handler for 'boom' failed") and isinstance(exc, ValueError) and str(exc) == "boom", record.getMessage()
 
 
 @fuzz(300)
