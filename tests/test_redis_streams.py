@@ -468,7 +468,7 @@ def _lose(monkeypatch: pytest.MonkeyPatch, broker: RedisBroker, lost: set[int]) 
 async def test_messages_missed_while_the_pubsub_connection_was_down_are_repaired_after_resubscribing(
     redis_server: RedisServer, brokers: Start, admin: Any
 ) -> None:
-    """B's connections are killed and it may not subscribe again (ACL) while A publishes; once
+    """B's connections are killed and it may not subscribe again (ACL: SUBSCRIBE, and SSUBSCRIBE on a cluster) while A publishes; once
     allowed, B resubscribes and delivers what it missed from history, with no new traffic."""
     await admin.acl_setuser("b", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all"])
     a, got_a = await brokers(NODE_A)
@@ -478,7 +478,7 @@ async def test_messages_missed_while_the_pubsub_connection_was_down_are_repaired
         await b.subscribe("r")
         await a.publish_stream("r", b"before")
         await got_b.has(1)
-        await admin.acl_setuser("b", enabled=True, keys=["*"], channels=["*"], commands=["+@all", "-subscribe"])
+        await admin.acl_setuser("b", enabled=True, keys=["*"], channels=["*"], commands=["+@all", "-subscribe", "-ssubscribe"])
         await admin.client_kill_filter(user="b")
         await _state_is(b, LinkState.DOWN)
         for i in range(5):
