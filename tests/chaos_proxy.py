@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 from contextlib import suppress
 
 
 class ChaosProxy:
-    def __init__(self, backends: list[int], *, seed: int = 1) -> None:
+    def __init__(self, backends: list[int], *, seed: int = 1, rcvbuf: int | None = None) -> None:
+        """``rcvbuf``: SO_RCVBUF of the sockets to the backends (a small one stops the kernel
+        from absorbing what the proxy does not read while :meth:`stall` holds it)."""
         self.backends = list(backends)
+        self.rcvbuf = rcvbuf
+        self._stalled = False
         self.port = 0
         self.cuts = 0
         self.picks: list[int] = []
@@ -58,6 +63,18 @@ class ChaosProxy:
     def unblock(self) -> None:
         self._blocked = False
 
+    def stall(self) -> None:
+        """Stop reading from the backends (the client looks like a peer that stopped
+        reading) until :meth:`flow`; new connections stall too."""
+        self._stalled = True
+        for _, up_writer in self._pairs:
+            up_writer.transport.pause_reading()
+
+    def flow(self) -> None:
+        self._stalled = False
+        for _, up_writer in self._pairs:
+            up_writer.transport.resume_reading()
+
     def cut_all(self) -> None:
         for pair in list(self._pairs):
             self._cut(pair)
@@ -79,7 +96,18 @@ class ChaosProxy:
         self._next += 1
         self.picks.append(backend)
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", backend)
+            if self.rcvbuf is None:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", backend)
+            else:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)  # before connect
+                sock.setblocking(False)
+                try:
+                    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", backend))
+                except OSError:
+                    sock.close()
+                    raise
+                up_reader, up_writer = await asyncio.open_connection(sock=sock)
         except OSError:
             writer.transport.abort()
             writer.close()
@@ -87,6 +115,8 @@ class ChaosProxy:
         self.upstreams.append(up_writer.get_extra_info("sockname")[1])
         pair = (writer, up_writer)
         self._pairs.add(pair)
+        if self._stalled:
+            up_writer.transport.pause_reading()
         loop = asyncio.get_running_loop()
         if self._chaos is not None:
             loop.call_later(self._random.uniform(*self._chaos), self._cut, pair)

@@ -51,7 +51,19 @@ def chaos_app(ledger: Ledger) -> tether.App:
     return app
 
 
+def feed_history(apps: list[tether.App]) -> None:
+    """The room's history must hold what one cut can lose: the messages in flight in the
+    proxy's and the kernel's buffers plus those sent while the client is away. With the
+    default (1,000), a client slowed by asyncio debug mode sometimes resumed 1,800 behind: a
+    documented ``too_many`` or ``trimmed`` gap, not a loss (tests/test_resume.py covers those
+    bounds). Set on every process, before any client arrives (a resumed client does not run
+    on_connect there), as docs/rooms.md says."""
+    for app in apps:
+        app.hub.set_history("feed", max_count=BROADCASTS)
+
+
 async def run_chaos(apps: list[tether.App], ports: list[int], ledger: Ledger) -> dict[str, Any]:
+    feed_history(apps)
     proxy = await ChaosProxy(ports, seed=7).start()
     received: list[int] = []
     gaps: list[tuple[Any, ...]] = []

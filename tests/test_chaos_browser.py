@@ -27,7 +27,7 @@ from browser import chromium
 from chaos_proxy import ChaosProxy
 from conftest import TIMEOUT_SCALE, timeout
 from playwright.async_api import TimeoutError as PlaywrightTimeoutError
-from test_chaos import BROADCASTS, MESSAGES, REQUESTS, Ledger, chaos_app, check
+from test_chaos import BROADCASTS, MESSAGES, REQUESTS, Ledger, chaos_app, check, feed_history
 
 import tether
 
@@ -108,6 +108,7 @@ def static(tmp_path: Path) -> Path:
 async def run_chaos_page(
     browser: Any, apps: list[tether.App], ports: list[int], ledger: Ledger, changed: asyncio.Event, *, resume: bool = True
 ) -> dict[str, Any]:
+    feed_history(apps)
     proxy = await ChaosProxy(ports, seed=7).start()
     page = await browser.new_page()
     errors: list[str] = []

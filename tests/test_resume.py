@@ -222,6 +222,43 @@ async def test_broadcasts_sent_while_cut_arrive_after_the_resume_in_order(setup:
     assert seen.said == list(range(11)) and seen.resumed == [(True, 0)] and seen.gaps == []
 
 
+async def test_a_session_client_that_stops_reading_is_closed_1013_and_resumes_with_nothing_lost() -> None:
+    """A member that stops reading fills its send queue. Without a session the default policy
+    drops the oldest frames (docs/rooms.md); with one a room message is never dropped: the
+    connection is closed with 1013, the client resumes from its last offset and the room's
+    history replays the rest."""
+    app = resume_app(Counter())
+    server = await tether.serve({"/app": app}, "127.0.0.1", 0, max_send_queue=16)
+    proxy = await ChaosProxy([server.port], rcvbuf=4096).start()
+    got: list[int] = []
+    closes: list[int] = []
+    pad = "x" * 1000
+    try:
+        async with timeout(30 * S), tether.Client(f"ws://127.0.0.1:{proxy.port}/app", backoff=fast_backoff()) as client:
+            seen = Seen(client)
+            client.on("big", lambda data: got.append(data["n"]))
+            client.add_listener("close", lambda code, reason: closes.append(code))
+            await client.wait_open()
+            app.hub.set_history("lobby", max_count=5000)
+            (conn,) = server.connections
+            await app.broadcast("lobby", "big", {"n": 0, "pad": pad})
+            await until(lambda: got == [0])
+            proxy.stall()
+            n = 1
+            while conn.state is tether.ConnState.OPEN and n < 5000:
+                await app.broadcast("lobby", "big", {"n": n, "pad": pad})
+                n += 1
+            assert conn.state is not tether.ConnState.OPEN and conn.stats.dropped == 0, (n, conn.stats)
+            assert conn.close_code == 1013
+            proxy.flow()
+            await until(lambda: len(got) >= n, 15 * S)
+    finally:
+        await proxy.aclose()
+        await server.close()
+    assert got == list(range(n)) and closes[:1] == [1013], (len(got), closes)
+    assert seen.resumed == [(True, 0)] and seen.gaps == []
+
+
 async def test_request_in_flight_when_cut_runs_once_and_gets_its_reply(setup: Setup) -> None:
     async with timeout(10), setup.client() as client:
         seen = Seen(client)

@@ -808,7 +808,9 @@ class Conn:
             queue = self._send_queue = deque()
         limit = self._settings.max_send_queue
         if limit is not None and len(queue) >= limit:
-            if self._settings.send_overflow == Overflow.CLOSE:
+            # A connection with a session never drops a room message: its client resumes
+            # from the last offset it got and the room's history replays the rest.
+            if self._settings.send_overflow == Overflow.CLOSE or self.session is not None:
                 self._send_queue = None
                 self.start_close(1013, "try again later")
                 if self.metrics is not None:

@@ -140,6 +140,7 @@ class Hub:
         self._keys: dict[Conn, str] = {}  # what names a connection in an ``exclude``
         self._by_key: dict[str, Conn] = {}
         self._catching_up: dict[str, dict[Conn, list[tuple[int, bytes]]]] = {}  # room -> resuming conn -> live buffer
+        self._replay: dict[str, int] = {}  # room -> messages a resume replays at most (set_history)
         self._counter = itertools.count(1)
         self._subs: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -182,6 +183,9 @@ class Hub:
     def set_history(self, room: str, *, max_count: int = 1000, max_age: float = 120.0) -> None:
         """Bound ``room``'s history (``max_count=0`` keeps none: resumes of it report gaps)."""
         self.broker.configure(room, History(max_count, max_age))
+        # A resume replays what the room keeps: a client behind by less than its history
+        # never gets a "too_many" gap (MAX_REPLAY is the least).
+        self._replay[room] = max(MAX_REPLAY, max_count)
 
     async def join(self, conn: Conn, room: str, meta: Any = None, *, presence: bool = True) -> None:
         """Put ``conn`` in ``room``; a no-op if it is in already.
@@ -354,7 +358,7 @@ class Hub:
         buffer: list[tuple[int, bytes]] = []
         self._catching_up.setdefault(room, {})[conn] = buffer
         try:
-            history, gap = await self.broker.history(room, after, epoch, MAX_REPLAY)
+            history, gap = await self.broker.history(room, after, epoch, self._replay.get(room, MAX_REPLAY))
         finally:
             buffers = self._catching_up.get(room, {})
             buffers.pop(conn, None)
