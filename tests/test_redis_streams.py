@@ -982,6 +982,26 @@ async def test_redis_restarted_under_a_connected_client_is_an_epoch_gap_and_noth
     assert seen.log == [("said", 0), ("said", 1), ("gap", "lobby", 0, 0, "epoch"), ("said", 2), ("said", 3), ("said", 4)]
 
 
+async def test_a_session_outlives_a_redis_restart_that_emptied_the_session_store(pair: Pair) -> None:
+    """The process holding a session saves it again after Redis came back empty (its copy is
+    the only one left): the client's next resume is resumed, not a new session. (Found by the
+    fault soak: the save wanted the kept version to be the previous one and forgot the session.)"""
+    resumed: list[tuple[bool, int]] = []
+    async with timeout(30), pair.client() as client:
+        client.add_listener("resumed", lambda *args: resumed.append(args))
+        seen = await _open(pair, client)
+        pair.redis.stop()
+        await _state_is(pair.broker(0), LinkState.DOWN)
+        pair.redis.start()  # empty
+        await _state_is(pair.broker(0), LinkState.UP)
+        for cut in (1, 2):
+            pair.proxy.cut_all()
+            await seen.until(lambda: len(resumed) == cut, f"resume {cut}")
+        await pair.from_b(0)
+        await seen.until(lambda: seen.said == [0], "live after the resumes")
+    assert resumed == [(True, 0), (True, 0)]
+
+
 # -- two server processes ------------------------------------------------------------------------
 async def test_two_processes_broadcasting_at_once_give_every_member_one_gap_free_sequence(redis_server: RedisServer, app_processes: Any) -> None:
     a, b = app_processes(redis_server.url), app_processes(redis_server.url)

@@ -150,8 +150,9 @@ class Broker(abc.ABC):
     # it in another process. Brokers that do not share sessions keep none (the defaults).
     async def save_session(self, token: str, blob: bytes, ttl: float, version: int) -> bool:
         """Keep a session's state for ``ttl`` seconds, readable by every process, if it is the
-        next ``version`` of what the store has (or the first): True; else keep nothing, False
-        (another process saved it since: it holds the session)."""
+        next ``version`` of what the store has, or the store has none (the first save, or the
+        store lost it: a Redis restarted empty; the caller's copy is then the only one): True;
+        else keep nothing, False (another process saved it since: it holds the session)."""
         return True
 
     async def load_session(self, token: str) -> bytes | None:
@@ -302,8 +303,7 @@ class MemoryBroker(Broker):
     async def save_session(self, token: str, blob: bytes, ttl: float, version: int) -> bool:
         kept = self.bus.sessions.get(token)
         now = time.monotonic()
-        current = kept[2] if kept is not None and kept[1] > now else 0
-        if current != version - 1:
+        if kept is not None and kept[1] > now and kept[2] != version - 1:
             return False
         self.bus.sessions[token] = (blob, now + ttl, version)
         return True
