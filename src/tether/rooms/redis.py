@@ -80,6 +80,7 @@ The only module that imports redis (``pip install 'tether[redis]'``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
@@ -842,6 +843,7 @@ class RedisBroker(Broker):
             if self._is_closed():
                 return
             self._log_end(error, was_up, failed)
+            await self._drop_idle()
             failed = 0 if was_up else failed + 1
             self._backoff.maybe_reset(asyncio.get_running_loop().time())
             delay = self._backoff.next_delay(random.random())
@@ -972,6 +974,16 @@ class RedisBroker(Broker):
                 task.cancel()
             self._wake.set()
             await asyncio.wait(tasks, timeout=self.command_timeout)
+
+    async def _drop_idle(self) -> None:
+        """Close the pool's idle connections once a session failed: if Redis went away their
+        sockets are dead (CLOSE_WAIT) and would stay open until a command picked them (found
+        by the fault soak: a Redis restart left the server with sockets to the old one).
+        A cluster client's pools per node reconnect on their own."""
+        pool = getattr(self._client, "connection_pool", None)
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await pool.disconnect(inuse_connections=False)
 
     def _lost(self) -> None:
         """A session ended: raw publications waiting are dropped (they would reach the other
@@ -1581,11 +1593,13 @@ class RedisBroker(Broker):
         return found
 
 
-# Keep a session's state only if it follows the copy kept (version - 1; none kept: 0): two
-# processes cannot both take a session, and a late save of one that let it go changes nothing.
+# Keep a session's state only if it follows the copy kept (version - 1), or if none is kept
+# (the first save, or Redis lost it, e.g. restarted empty: the saver's copy is the only one
+# left): two processes cannot both take a session, and a late save of one that let it go
+# changes nothing while the copy of the one that took it is kept.
 _SAVE_SESSION = """
-local kept = tonumber(redis.call('GET', KEYS[2]) or '0')
-if kept ~= tonumber(ARGV[2]) - 1 then
+local kept = redis.call('GET', KEYS[2])
+if kept and tonumber(kept) ~= tonumber(ARGV[2]) - 1 then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
