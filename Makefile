@@ -7,6 +7,7 @@
 #   make autobahn-env  Autobahn wstest (Python 2.7 virtualenv) into .tools/, or kosoku as a fallback
 #   make test          everything: node tests, then the whole pytest suite including slow tests
 #   make test-fast     pytest without the slow tests
+#   make soak          the 50k-connection soak (bench/soak.py); make soak-faults: the fault soak for 10 min
 #   make demo          the video-call demo (examples/call) on http://127.0.0.1:8000; tutorial at /hello
 #   make clean
 
@@ -150,7 +151,7 @@ demo: $(DEMO_STAMP)
 #                      of docs/benchmarks.md and docs/soak.png (bench/soak.py; SOAK_ARGS="--peers tether" etc.)
 
 BENCH_STAMP := $(VENV)/.tether-bench-installed
-.PHONY: bench bench-quick bench-selftest bench-gencost bench-micro soak
+.PHONY: bench bench-quick bench-selftest bench-gencost bench-micro soak soak-faults
 
 $(BENCH_STAMP): $(VENV_STAMP)
 	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
@@ -179,6 +180,11 @@ bench-micro: $(VENV_STAMP)
 soak: $(BENCH_STAMP)
 	command -v go >/dev/null || $(MAKE) deps
 	$(VENV)/bin/python bench/soak.py $(SOAK_ARGS)
+
+# The fault soak (tests/test_soak_faults.py) for 10 minutes of hostile traffic per broker
+# (make test runs it for 60 s); a progress line every 10 s.
+soak-faults: venv deps
+	TETHER_SOAK_SECONDS=$${TETHER_SOAK_SECONDS:-600} $(PYTEST) -s tests/test_soak_faults.py
 
 
 # ---------------------------------------------------------------------------------------------
