@@ -96,7 +96,7 @@ class Session:
 
     __slots__ = (
         "id", "token", "settings", "inbound", "direct", "rooms", "member", "assigns", "identity", "conn", "live",
-        "in_flight", "_expiry", "_ack_timer", "resumed", "ended", "version", "saving",
+        "in_flight", "_expiry", "_ack_timer", "resumed", "ended", "releasing", "version", "saving",
     )
 
     def __init__(self, settings: Resume) -> None:
@@ -123,6 +123,8 @@ class Session:
         self.resumed = 0
         #: True once it expired (or the App shut down): nothing can reach its client any more.
         self.ended = False
+        #: True once another process asked for it (its last save here is on the way).
+        self.releasing = False
         #: Saves so far, across every process that held it (see :class:`Saved`).
         self.version = 0
         #: One save at a time (each one is the next version of the one before).
@@ -190,6 +192,7 @@ class Session:
             self._expiry.cancel()
             self._expiry = None
         self.conn = conn
+        self.releasing = False  # a release that did not finish: the client is back here
         conn.session = self
         conn.assigns = self.assigns
         if conn.identity is not None:  # fresh credentials (expiry) of the same subject
@@ -241,6 +244,13 @@ class Session:
             identity = Identity(identity["subject"], identity.get("expires_at"), identity.get("claims") or {})
         session.identity = identity
         return session
+
+    def holds(self, conn: Conn) -> bool:
+        """Whether a message ``conn`` received may still be handled for this session: not once
+        the session moved on (another connection took it over, another process is taking it,
+        or it ended). The client resends what was not acknowledged wherever it resumes, so a
+        message dropped here runs there, once, in order; handled here it would run twice."""
+        return (self.conn is conn or self.conn is None) and not self.ended and not self.releasing
 
     def end(self) -> None:
         self.ended = True
@@ -419,6 +429,7 @@ class Sessions:
         if session is None:
             await self._disown(token)
             return
+        session.releasing = True  # from now on its connection here handles nothing more
         conn = session.conn
         if conn is not None:
             conn.start_close(4009, "session resumed elsewhere")

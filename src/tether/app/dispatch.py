@@ -192,6 +192,8 @@ class Dispatcher:
             metrics.received(envelope.__struct_config__.tag, message)
         session = self._session
         if session is not None:
+            if not session.holds(conn):
+                return  # queued here while the session moved on: its client resends it there
             if not session.accept(envelope.seq, envelope.ack):
                 return  # sent again after a resume: handled already (its reply is kept)
         route = table.by_class.get(envelope.__class__)
