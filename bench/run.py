@@ -1085,22 +1085,26 @@ PROFILE_BEGIN, PROFILE_END = "<!-- PROFILE BEGIN -->", "<!-- PROFILE END -->"
 
 
 NOTES_BEGIN, NOTES_END = "<!-- NOTES BEGIN -->", "<!-- NOTES END -->"
+SOAK_BEGIN, SOAK_END = "<!-- SOAK BEGIN -->", "<!-- SOAK END -->"  # bench/soak.py's section
 
 
 def write_report(md_path: Path, text: str) -> None:
-    """Write the generated report; hand-written NOTES and the PROFILE section survive reruns."""
-    notes = kept = ""
+    """Write the generated report; hand-written NOTES, the PROFILE section and the SOAK
+    section (bench/soak.py, make soak) survive reruns."""
+    notes = ""
+    kept: list[str] = []
     if md_path.exists():
         old = md_path.read_text()
         if NOTES_BEGIN in old and NOTES_END in old:
             notes = old[old.index(NOTES_BEGIN): old.index(NOTES_END) + len(NOTES_END)]
-        if PROFILE_BEGIN in old and PROFILE_END in old:
-            kept = old[old.index(PROFILE_BEGIN): old.index(PROFILE_END) + len(PROFILE_END)]
+        for begin, end in ((PROFILE_BEGIN, PROFILE_END), (SOAK_BEGIN, SOAK_END)):
+            if begin in old and end in old:
+                kept.append(old[old.index(begin): old.index(end) + len(end)])
     if notes:  # right after the command line
         head, sep, rest = text.partition("```\n\n")
         text = head + sep + notes + "\n\n" + rest if sep else text + "\n" + notes + "\n"
-    if kept:
-        text = text.rstrip() + "\n\n" + kept + "\n"
+    for section in kept:
+        text = text.rstrip() + "\n\n" + section + "\n"
     md_path.write_text(text)
 
 
