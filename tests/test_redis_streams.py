@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis.exceptions
 
 import tether
 from tether.proto.backoff import Backoff
@@ -574,6 +575,41 @@ async def test_a_stream_batch_in_a_failed_pipeline_is_sent_again_a_raw_one_is_dr
         await got_a.has(3)
     assert got_a.messages() == [(1, b"s0"), (2, b"s1"), (3, b"s2")]
     assert (a.resent, a.dropped, a.published) == (3, 1, 3)
+
+
+async def test_publications_that_ran_are_not_sent_again_when_their_replies_were_lost_and_redis_emptied(
+    brokers: Start, admin: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pipeline whose scripts ran (their messages came back on pub/sub and were delivered)
+    fails before its replies arrive, and Redis comes back empty: the script's memory of what
+    ran is gone with the rest, so only the publisher can tell. It saw them come back: it does
+    not send them again (before: each was applied twice, delivered again in the new epoch)."""
+    a, got_a = await brokers(NODE_A)
+    real = a._send
+    failed: list[int] = []
+
+    async def send(batch: list[tuple[str, bytes, int]]) -> list[Any]:
+        results = await real(batch)
+        if not failed:
+            failed.append(len(batch))
+            await got_a.has(3)  # they ran and came back
+            await admin.flushall()  # ... and Redis lost them
+            raise redis.exceptions.ConnectionError("the replies were lost")
+        return results
+
+    monkeypatch.setattr(a, "_send", send)
+    async with timeout(30):
+        await a.subscribe("r")
+        for i in range(3):
+            await a.publish_stream("r", b"s%d" % i)
+        async def back() -> bool:
+            return bool(failed) and a.state is LinkState.UP
+
+        await eventually(back, 10, "the broker is back")
+        await a.publish_stream("r", b"after")
+        await got_a.has(4)
+    assert [data for _, data in got_a.messages()] == [b"s0", b"s1", b"s2", b"after"]
+    assert failed == [3] and a.resent == 0
 
 
 async def test_the_publish_script_applies_a_resent_publication_once(brokers: Start, admin: Any) -> None:

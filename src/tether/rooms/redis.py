@@ -177,7 +177,9 @@ return 1
 # ARGV: 1 the room's channel, 2 the data, 3 max_count, 4 max_age (ms), 5 the meta's TTL (ms),
 # 6 a fresh epoch (used only if the room has none), 7 the publication's seq, 8 the seq key's
 # TTL (ms), 9 '1' if the publication is sent again (its pipeline failed: it may have run),
-# 10 and 11 the epoch and offset this process delivered last in the room ('' and 0: none).
+# 10 and 11 the epoch and offset this process delivered last in the room ('' and 0: none),
+# 12 this broker instance's id (the channel message names the publication: instance.seq, so a
+# publisher knows which of a failed pipeline's publications ran: it saw them come back).
 # Returns the offset given, or 0 for a publication that ran already.
 # A room whose offset in Redis is behind what a process delivered lost its last writes (a
 # failover to a replica that had not received them, a restore from an older dump): giving
@@ -241,7 +243,7 @@ else
 end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('PUBLISH', ARGV[1], '\255' .. string.format('%d', offset) .. ':' .. epoch .. ':' .. ARGV[2])
+redis.call('PUBLISH', ARGV[1], '\255' .. string.format('%d', offset) .. ':' .. epoch .. ':' .. (ARGV[12] or '') .. '.' .. ARGV[7] .. ':' .. ARGV[2])
 return offset
 """
 
@@ -472,11 +474,13 @@ class _Room:
         self.again = False  # read once more when the running sync ends (a reconnect happened)
 
 
-def parse(data: bytes) -> tuple[int, str, bytes]:
-    """A stream publication: ``(offset, epoch, data)``. Raises ``ValueError``."""
+def parse(data: bytes) -> tuple[int, str, bytes, bytes]:
+    """A stream publication from pub/sub: ``(offset, epoch, origin, data)`` (``origin``: the
+    publishing broker's ``instance.seq``). Raises ``ValueError``."""
     colon = data.index(b":", 1)
     end = data.index(b":", colon + 1)
-    return int(data[1:colon]), data[colon + 1 : end].decode(), data[end + 1 :]
+    origin = data.index(b":", end + 1)
+    return int(data[1:colon]), data[colon + 1 : end].decode(), data[end + 1 : origin], data[origin + 1 :]
 
 
 def _history_reply(reply: list[Any], after: int) -> tuple[str, int, list[tuple[int, bytes]], Gap | None]:
@@ -703,6 +707,11 @@ class RedisBroker(Broker):
         self.gaps = 0
         self._node = ""
         self._instance = secrets.token_hex(4)  # names this broker's seq key: seqs restart with it
+        self._origin = self._instance.encode() + b"."
+        # Seqs of our stream publications seen back on pub/sub since the last confirmed
+        # pipeline: a failed pipeline's publications that are in it ran (and were delivered),
+        # so they are not sent again (a Redis restarted empty would apply them twice).
+        self._echoed: set[int] = set()
         self._seq = itertools.count(1)
         self._deliver: Deliver | None = None
         self._on_gap: OnGap | None = None
@@ -1130,13 +1139,17 @@ class RedisBroker(Broker):
             await self._wake.wait()
             self._wake.clear()
             while self._outbox and not self._session_over:
-                batch = list(self._outbox)
+                ran = self._echoed  # came back on pub/sub after their pipeline failed: not again
+                batch = [entry for entry in self._outbox if entry[2] >= 0 or -entry[2] not in ran]
                 self._outbox.clear()
+                if not batch:
+                    continue
                 try:
                     results = await self._send(batch)
                 except BaseException:
                     self._unconfirmed(batch)
                     raise
+                self._echoed = set()
                 await self._confirmed(batch, results)
 
     async def _send(self, batch: list[tuple[str, bytes, int]]) -> list[Any]:
@@ -1151,7 +1164,9 @@ class RedisBroker(Broker):
                     known = (state.track.epoch or "", state.track.last or 0) if state is not None else ("", 0)
                     again = b"1" if seq < 0 else b"0"
                     # EVALSHA as a raw command: redis-py's cluster pipeline refuses pipe.evalsha
-                    pipe.execute_command("EVALSHA", sha, 3, *args[:4], data, *args[4:], epoch, b"%d" % abs(seq), _SEQ_TTL_MS, again, *known)
+                    pipe.execute_command(
+                        "EVALSHA", sha, 3, *args[:4], data, *args[4:], epoch, b"%d" % abs(seq), _SEQ_TTL_MS, again, *known, self._instance
+                    )
                 elif self.cluster:
                     pipe.spublish(self._channel(room), data)
                 else:
@@ -1180,8 +1195,10 @@ class RedisBroker(Broker):
         """A pipeline failed with ``batch`` in it, applied or not: raw publications are lost
         (counted), stream ones go back to the front of the outbox (the script applies each
         once)."""
-        again = [(room, data, -abs(seq)) for room, data, seq in batch if seq]
-        self.dropped += len(batch) - len(again)
+        ran = self._echoed
+        stream = [(room, data, seq) for room, data, seq in batch if seq]
+        again = [(room, data, -abs(seq)) for room, data, seq in stream if abs(seq) not in ran]
+        self.dropped += len(batch) - len(stream)
         self.resent += len(again)
         self._outbox.extendleft(reversed(again))
         self._bound_outbox()
@@ -1225,10 +1242,12 @@ class RedisBroker(Broker):
     def _arrived(self, room: str, data: bytes) -> None:
         """A stream publication from pub/sub: deliver it in order, or hold it and repair."""
         try:
-            offset, epoch, payload = parse(data)
+            offset, epoch, origin, payload = parse(data)
         except ValueError:
             logger.warning("dropped a malformed stream message in room %r", room)
             return
+        if origin.startswith(self._origin):  # ours: it ran (a resend of it must not run again)
+            self._echoed.add(int(origin[len(self._origin):]))
         state = self._tracks.get(room)
         if state is None:
             return
