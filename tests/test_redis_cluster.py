@@ -225,7 +225,7 @@ async def test_sessions_and_release_requests_between_processes_on_a_cluster(brok
     b, _ = await brokers(NODE_B)
     released: list[str] = []
 
-    async def release(token: str) -> None:
+    async def release(token: str, stamp: int) -> None:
         released.append(token)
         assert await b.save_session(token, b"from-b", 30, 2)  # B saves it once more as it lets go
 

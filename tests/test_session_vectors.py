@@ -60,6 +60,7 @@ def check(session: Session, step: dict[str, Any]) -> None:
         "unacked": [list(e) for e in session.unacked],
         "direct": session.direct,
         "direct_acked": session.direct_acked,
+        "stamp": session.stamp,
     }
     fields = set(step) - {"op", "note"}
     assert fields and fields <= set(seen), step
@@ -98,7 +99,7 @@ def run(session: Session, step: dict[str, Any]) -> None:
     elif op == "close":
         assert session.close() == expected
     elif op == "offer":
-        assert session.offer() == expected
+        assert session.offer(step.get("clock", 0)) == expected
     elif op == "welcomed":
         assert welcome(session.welcomed(step["info"])) == expected
     elif op == "acked":

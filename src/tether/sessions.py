@@ -8,8 +8,13 @@ member stays listed while the client is away), its ``assigns`` and its ``identit
 
 A client that can resume offers the WebSocket subprotocol ``session``; the welcome message
 hands it the session's id and its private ``token``. Reconnecting within the window it offers
-``session.<token>.<ack>`` (``ack``: the last direct message it received) and continues the
-session (``resumed: true``); otherwise it gets a new one (``resumed: false``).
+``session.<token>.<ack>.<stamp>`` (``ack``: the last direct message it received; ``stamp``: a
+number that grows with each of its connection attempts) and continues the session
+(``resumed: true``); otherwise it gets a new one (``resumed: false``).
+
+The stamp orders a client's attempts wherever they land: an attempt older than the one that
+holds the session (the client gave up on it and came back elsewhere, and this process has only
+now got to it) never takes the session from the newer one; it is closed with 4009.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import msgspec
 
 from .auth import Identity
 from .conn import Conn, ConnState
-from .errors import ConnectionClosedOK
+from .errors import CloseConnection, ConnectionClosedOK
 from .proto.envelope import Id, encode_message
 from .proto.frames import OP_TEXT
 from .proto.resume import DirectLog, Gap, Inbound
@@ -85,6 +90,9 @@ class Saved(msgspec.Struct, array_like=True):
     #: Grows by one with every save, wherever it happens: a store takes a save only if it
     #: follows the copy it has (version - 1), so two processes cannot both hold the session.
     version: int
+    #: The stamp of the client's connection attempt that holds it (0: none given; see
+    #: :class:`Sessions`). Last, with a default: copies saved before it existed still load.
+    stamp: int = 0
 
 
 _saved = msgspec.msgpack.Decoder(Saved)
@@ -96,7 +104,7 @@ class Session:
 
     __slots__ = (
         "id", "token", "settings", "inbound", "direct", "rooms", "member", "assigns", "identity", "conn", "live",
-        "in_flight", "_expiry", "_ack_timer", "resumed", "ended", "releasing", "version", "saving",
+        "in_flight", "_expiry", "_ack_timer", "resumed", "ended", "releasing", "version", "saving", "stamp",
     )
 
     def __init__(self, settings: Resume) -> None:
@@ -129,6 +137,8 @@ class Session:
         self.version = 0
         #: One save at a time (each one is the next version of the one before).
         self.saving = asyncio.Lock()
+        #: The stamp of the client's connection attempt that holds it (0: none given).
+        self.stamp = 0
         self._expiry: asyncio.TimerHandle | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
 
@@ -220,7 +230,7 @@ class Session:
             self.id, self.token, node, self.inbound.last, self.direct.seq, self.direct.acked,
             list(self.direct.entries), {r: (m.meta, m.presence) for r, m in self.rooms.items()},
             self.member, _encodable(self.assigns), _encodable({"identity": identity}).get("identity"), self.resumed,
-            version,
+            version, self.stamp,
         )
         return _encode(saved)
 
@@ -238,6 +248,7 @@ class Session:
         session.rooms = {room: Membership(meta, presence) for room, (meta, presence) in saved.rooms.items()}
         session.member = saved.member
         session.version = saved.version
+        session.stamp = saved.stamp
         session.assigns = dict(saved.assigns)
         identity = saved.identity
         if isinstance(identity, dict) and "subject" in identity:
@@ -266,7 +277,7 @@ class SessionStore(Protocol):
     async def save_session(self, token: str, blob: bytes, ttl: float, version: int) -> bool: ...
     async def load_session(self, token: str) -> bytes | None: ...
     async def delete_session(self, token: str) -> None: ...
-    async def release_session(self, node: str, token: str, wait: float) -> None: ...
+    async def release_session(self, node: str, token: str, wait: float, stamp: int = 0) -> None: ...
 
 
 class _NoStore:
@@ -279,7 +290,7 @@ class _NoStore:
     async def delete_session(self, token: str) -> None:
         pass
 
-    async def release_session(self, node: str, token: str, wait: float) -> None:
+    async def release_session(self, node: str, token: str, wait: float, stamp: int = 0) -> None:
         pass
 
 
@@ -311,16 +322,20 @@ class Sessions:
         """Share sessions through ``store``; this process is ``node``."""
         self._store, self._node = store, node
 
-    async def open(self, conn: Conn, token: str | None) -> tuple[Session, bool]:
+    async def open(self, conn: Conn, token: str | None, stamp: int = 0) -> tuple[Session, bool]:
         """The session of a new connection: ``(session, resumed)``.
 
         A known token resumes its session: held here (taking it over from a connection that
         still holds it, which is closed with 4009), or held by another process (asked to let
         go first). An unknown or expired token, a session of another identity, or none,
-        starts a new session.
+        starts a new session. ``stamp`` (0: none) orders the client's connection attempts: an
+        attempt older than the one holding the session raises ``CloseConnection(4009)``
+        (its client gave up on it and resumed elsewhere; it must not take the session back).
         """
-        session = await self._take(token) if token else None
+        session = await self._take(token, stamp, conn.identity) if token else None
         if session is not None and _same_identity(session.identity, conn.identity):
+            if stamp and session.stamp > stamp:  # a newer attempt claimed it while we waited
+                raise _stale()
             old = session.conn
             if old is not None and old is not conn:
                 # The client came back before we noticed it left: this connection takes over.
@@ -335,7 +350,7 @@ class Sessions:
         await self._save(session, self._node)
         return session, False
 
-    async def _take(self, token: str) -> Session | None:
+    async def _take(self, token: str, stamp: int = 0, identity: Any = None) -> Session | None:
         """The session ``token`` names, held by this process from now on, or None.
 
         The store is the judge of who holds a session: its newest saved copy names the holder
@@ -343,17 +358,33 @@ class Sessions:
         last time), then claim the copy with a save that only succeeds if nobody saved in
         between; losing that race, we look again (a few times, then give up: a new session is
         an explicit ``resumed: false``, two holders would be silent loss).
+
+        Each claim records the attempt's ``stamp``; an older attempt finding a newer one's
+        stamp gives up (``CloseConnection(4009)``) instead of taking the session back from
+        the connection its client uses now.
         """
         local = self._by_token.get(token)
         if self._node is None:  # sessions stay in this process
+            if local is not None and stamp and local.stamp > stamp:
+                raise _stale()
+            if local is not None and _same_identity(local.identity, identity):
+                local.stamp = max(local.stamp, stamp)
             return local
         for _ in range(4):
             blob = await self._store.load_session(token)
+            local = self._by_token.get(token)
+            newest = local.stamp if local is not None else 0
             if blob is None:
+                if stamp and newest > stamp:
+                    raise _stale()
+                if local is not None and _same_identity(local.identity, identity):
+                    local.stamp = max(local.stamp, stamp)
                 return local  # the store lost it (a Redis restart): what we hold is all there is
             saved = _saved.decode(blob)
+            if stamp and max(saved.stamp, newest) > stamp:
+                raise _stale()  # the client came back later, here or elsewhere
             if saved.node is not None and saved.node != self._node:
-                await self._store.release_session(saved.node, token, RELEASE_TIMEOUT)
+                await self._store.release_session(saved.node, token, RELEASE_TIMEOUT, stamp)
                 continue  # read again what it saved
             if local is not None and local.version == saved.version:
                 candidate, adopted = local, False  # we hold the newest copy
@@ -362,6 +393,8 @@ class Sessions:
                     self._forget(local)
                     local = None
                 candidate, adopted = Session.restore(blob, self.settings), True
+            if _same_identity(candidate.identity, identity):
+                candidate.stamp = max(candidate.stamp, stamp)  # saved with the claim
             if await self._save(candidate, self._node):
                 self._by_token[token] = candidate
                 if adopted:
@@ -422,12 +455,16 @@ class Sessions:
         else:
             self._keep(session)
 
-    async def release(self, token: str) -> None:
+    async def release(self, token: str, stamp: int = 0) -> None:
         """Another process resumes ``token``: close its connection here, let handlers still
-        running finish (bounded), save it as held by nobody, and forget it here."""
+        running finish (bounded), save it as held by nobody, and forget it here. Not if a
+        newer attempt of its client (``stamp``) holds it here: the asker's attempt is stale,
+        it reads our copy again and gives up."""
         session = self._by_token.get(token)
         if session is None:
             await self._disown(token)
+            return
+        if stamp and session.stamp > stamp:
             return
         session.releasing = True  # from now on its connection here handles nothing more
         conn = session.conn
@@ -435,8 +472,8 @@ class Sessions:
             conn.start_close(4009, "session resumed elsewhere")
         if session.in_flight:  # their replies are the session's: let them land first
             await asyncio.wait(list(session.in_flight), timeout=RELEASE_TIMEOUT / 2)
-        if self._by_token.get(token) is not session:
-            return  # let go meanwhile
+        if self._by_token.get(token) is not session or not session.releasing or (stamp and session.stamp > stamp):
+            return  # let go meanwhile, or its client came back here meanwhile (a newer attempt)
         await self._save(session, None)
         self._by_token.pop(token, None)
         session.end()
@@ -479,6 +516,11 @@ class Sessions:
             session.end()
         self._by_token.clear()
         return detached
+
+
+def _stale() -> CloseConnection:
+    """An attempt older than the one holding its session: its client moved on already."""
+    return CloseConnection(4009, "session resumed elsewhere")
 
 
 async def _nothing(session: Session) -> None:

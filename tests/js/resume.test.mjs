@@ -64,7 +64,7 @@ function reload(storage, options = {}) {
 
 // -- the offer ---------------------------------------------------------------------------------
 
-test("client offers session, then session.<token>.<direct>, after tether and its token", (t) => {
+test("client offers session, then session.<token>.<direct>.<stamp>, after tether and its token", (t) => {
   const { sockets, tick } = setup(t, { token: "abc" });
   assert.deepEqual(sockets[0].protocols, ["tether", "token.abc", "session"]);
   sockets[0].open(session());
@@ -72,7 +72,13 @@ test("client offers session, then session.<token>.<direct>, after tether and its
   sockets[0].receive({ type: "note", data: 2, seq: 2 });
   sockets[0].drop(1006);
   tick(250);
-  assert.deepEqual(sockets[1].protocols, ["tether", "token.abc", "session.tok.2"]);
+  assert.deepEqual(sockets[1].protocols, ["tether", "token.abc", `session.tok.2.${Date.now()}`], "stamped with the clock (ms)");
+  const first = Date.now();
+  sockets[1].drop(1006);
+  tick(5000);
+  const [, , offer] = sockets[2].protocols;
+  const stamp = Number(offer.split(".")[3]);
+  assert.ok(offer.startsWith("session.tok.2.") && stamp > first && stamp <= Date.now(), offer);
 });
 
 test("client with resume: false offers no session and numbers nothing", (t) => {
@@ -154,7 +160,7 @@ test("client resumes: the resume message with its rooms first, then the unacked 
   assert.equal(await settled(reply), false, "with a session a drop loses nothing yet");
   client.send("chat", "m3");
   tick(250);
-  assert.deepEqual(sockets[1].protocols, ["tether", "session.tok.1"]);
+  assert.deepEqual(sockets[1].protocols, ["tether", `session.tok.1.${Date.now()}`]);
   sockets[1].open(session({ resumed: true, ack: 2 }));
   assert.deepEqual(sockets[1].sent, [
     { type: "resume", data: { rooms: { lobby: { epoch: "e1", offset: 1 } } } },
@@ -290,13 +296,13 @@ test("client persist: a reloaded page resumes the session, resends what was unac
   sockets[0].receive({ type: "ack", ack: 1 });
   page.hide(); // the page goes away (a reload)
   assert.deepEqual(storage.saved(), {
-    token: "tok", sessionId: "s1", seq: 2, direct: 1, rooms: { lobby: { epoch: "e1", offset: 1 } }, nextId: 2,
+    token: "tok", sessionId: "s1", seq: 2, direct: 1, stamp: 0, rooms: { lobby: { epoch: "e1", offset: 1 } }, nextId: 2,
     unacked: [[2, '{"type":"add","data":1,"id":1,"seq":2}']], dropped: 0,
   });
 
   const next = reload(storage);
   t.after(() => next.client.close());
-  assert.deepEqual(next.sockets[0].protocols, ["tether", "session.tok.1"]);
+  assert.deepEqual(next.sockets[0].protocols, ["tether", `session.tok.1.${Date.now()}`]);
   next.sockets[0].open(session({ resumed: true, ack: 1 }));
   assert.deepEqual(next.sockets[0].sent, [
     { type: "resume", data: { rooms: { lobby: { epoch: "e1", offset: 1 } } } },

@@ -219,25 +219,27 @@ class App:
         """The connection's session, whether it resumed one, and the client's direct ack.
 
         Only clients that can resume get a session: they offer the subprotocol ``session``
-        (start one) or ``session.<token>.<ack>`` (resume one; ``ack`` is the last direct
-        message they received). tether.js and tether.Client do; other clients see the plain
+        (start one) or ``session.<token>.<ack>.<stamp>`` (resume one; ``ack`` is the last
+        direct message they received, ``stamp`` orders their connection attempts). tether.js and tether.Client do; other clients see the plain
         protocol (no ``seq``, nothing kept for them).
         """
         if self.sessions is None:
             return None, False, 0
-        token, ack, wanted = None, 0, False
+        token, ack, stamp, wanted = None, 0, 0, False
         for offered in subprotocols(conn.request):
             if offered == SESSION:
                 wanted = True
             elif offered.startswith(RESUME_PREFIX):
                 wanted = True
-                token, _, count = offered[len(RESUME_PREFIX) :].rpartition(".")
-                ack = int(count) if count.isdigit() else 0
+                # session.<token>.<ack>.<stamp> (older clients: no stamp)
+                token, _, rest = offered[len(RESUME_PREFIX) :].partition(".")
+                count, _, stamped = rest.partition(".")
+                ack, stamp = _number(count), _number(stamped)
         if not wanted:
             return None, False, 0
         if not self._shared:
             self._share_sessions()
-        session, resumed = await self.sessions.open(conn, token or None)
+        session, resumed = await self.sessions.open(conn, token or None, stamp)
         if token and conn.metrics is not None:
             conn.metrics.resumed("resumed" if resumed else "new")
         return session, resumed, ack
@@ -292,6 +294,11 @@ class App:
             known = self.routes.keys() | self._room_routes.keys()
             self._table = Table(decoder, by_class, known.__contains__, self.max_concurrent)
         return self._table
+
+
+def _number(text: str) -> int:
+    """A count in a subprotocol entry (0 if absent or not a plain number of at most 18 digits)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else 0
 
 
 async def _maybe_await(value: Any) -> Any:

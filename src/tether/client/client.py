@@ -347,7 +347,7 @@ class Client:
         return conn.close_code, conn.close_reason, None
 
     def _handshake_headers(self) -> Mapping[str, str] | None:
-        offer = self._session.offer()
+        offer = self._session.offer(time.time_ns() // 1_000_000)
         if offer is None:
             return self._headers
         return {**(self._headers or {}), "Sec-WebSocket-Protocol": f"{SUBPROTOCOL}, {offer}"}

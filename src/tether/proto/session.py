@@ -82,7 +82,7 @@ class Session:
 
     __slots__ = (
         "state", "outbox", "outbox_size", "pending", "written", "backoff", "max_retry_after", "opened", "_next_id",
-        "resume", "token", "session_id", "seq", "unacked", "direct", "direct_acked", "rooms",
+        "resume", "token", "session_id", "seq", "unacked", "direct", "direct_acked", "rooms", "stamp",
     )
 
     def __init__(self, *, outbox_size: int = 100, backoff: Backoff | None = None, max_retry_after: float = 60.0, resume: bool = False) -> None:
@@ -102,6 +102,8 @@ class Session:
         self.direct_acked = 0
         #: Rooms the server put the session in: what of each was received.
         self.rooms: dict[str, RoomCursor] = {}
+        #: The stamp of the last resume offered: it grows with every attempt (see :meth:`offer`).
+        self.stamp = 0
         self.state: State = "connecting"
         #: ``(payload, id)`` waiting for a connection, oldest first; ``id`` None for one-way.
         self.outbox: deque[tuple[Any, int | None]] = deque()
@@ -219,12 +221,21 @@ class Session:
         """The ``data.rooms`` of a ``resume`` message: what of each room was received."""
         return {room: {"epoch": c.epoch, "offset": c.offset} for room, c in self.rooms.items()}
 
-    def offer(self) -> str | None:
-        """The subprotocol entry to offer: ``session`` (start one), ``session.<token>.<direct>``
-        (resume it), or None without ``resume``."""
+    def offer(self, clock: int = 0) -> str | None:
+        """The subprotocol entry to offer: ``session`` (start one),
+        ``session.<token>.<direct>.<stamp>`` (resume it), or None without ``resume``.
+
+        ``stamp`` orders this client's attempts for the server (an older attempt that reaches
+        a process late never takes the session back from a newer one): ``clock`` (the driver
+        passes the wall clock in milliseconds, so that a copy restored after a reload comes
+        after the page it replaces) or one more than the last stamp, whichever is greater.
+        """
         if not self.resume:
             return None
-        return "session" if self.token is None else f"session.{self.token}.{self.direct}"
+        if self.token is None:
+            return "session"
+        self.stamp = max(clock, self.stamp + 1)
+        return f"session.{self.token}.{self.direct}.{self.stamp}"
 
     def welcomed(self, info: Any) -> Welcome:
         """The welcome's ``session`` (None: the server keeps no sessions for us, so a session

@@ -41,9 +41,10 @@ class Deliver(Protocol):
 
 
 class Release(Protocol):
-    """``await release(token)``: let go of a session another process wants (save it first)."""
+    """``await release(token, stamp)``: let go of a session another process wants (save it
+    first), unless a newer connection attempt of its client than ``stamp`` holds it here."""
 
-    def __call__(self, token: str, /) -> Awaitable[None]: ...
+    def __call__(self, token: str, stamp: int, /) -> Awaitable[None]: ...
 
 
 class LostGap(Protocol):
@@ -162,9 +163,10 @@ class Broker(abc.ABC):
     async def delete_session(self, token: str) -> None:  # noqa: B027
         """Forget the session (it ended)."""
 
-    async def release_session(self, node: str, token: str, wait: float) -> None:  # noqa: B027
+    async def release_session(self, node: str, token: str, wait: float, stamp: int = 0) -> None:  # noqa: B027
         """Ask process ``node`` to let go of session ``token`` (its client came back here
-        before ``node`` noticed it left); returns once it has saved it, or after ``wait`` seconds."""
+        before ``node`` noticed it left); returns once it has saved it (or refused: it holds a
+        newer attempt than ``stamp``), or after ``wait`` seconds."""
 
     def on_release(self, handler: Release) -> None:  # noqa: B027
         """Call ``handler(token)`` when another process asks this one to let go of a session."""
@@ -318,23 +320,23 @@ class MemoryBroker(Broker):
     async def delete_session(self, token: str) -> None:
         self.bus.sessions.pop(token, None)
 
-    async def release_session(self, node: str, token: str, wait: float) -> None:
+    async def release_session(self, node: str, token: str, wait: float, stamp: int = 0) -> None:
         other = self.bus.nodes.get(node)
         if other is None or other is self:
             return
         try:
             async with asyncio.timeout(wait):
-                await other.let_go(token)
+                await other.let_go(token, stamp)
         except TimeoutError:
             pass
 
     def on_release(self, handler: Release) -> None:
         self._release.append(handler)
 
-    async def let_go(self, token: str) -> None:
+    async def let_go(self, token: str, stamp: int = 0) -> None:
         """Another broker on the bus asks this one's process to release session ``token``."""
         for handler in list(self._release):
-            await handler(token)
+            await handler(token, stamp)
 
     def configure(self, room: str, history: History) -> None:
         self.bus.settings[room] = history

@@ -1496,14 +1496,14 @@ class RedisBroker(Broker):
         except _ERRORS as exc:
             logger.debug("could not delete a session from Redis (%s); it expires by itself", exc)
 
-    async def release_session(self, node: str, token: str, wait: float) -> None:
-        """Publish ``release <token> <our node> <request>`` on ``node``'s channel and wait
-        for ``released <request>`` on ours (at most ``wait`` seconds: a dead node never answers)."""
+    async def release_session(self, node: str, token: str, wait: float, stamp: int = 0) -> None:
+        """Publish ``release <token> <our node> <request> <stamp>`` on ``node``'s channel and
+        wait for ``released <request>`` on ours (at most ``wait`` seconds: a dead node never answers)."""
         request = secrets.token_hex(6).encode()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._releases[request] = future
         try:
-            message = b" ".join((b"release", token.encode(), self._node.encode(), request))
+            message = b" ".join((b"release", token.encode(), self._node.encode(), request, b"%d" % stamp))
             await self._publish_now(self._node_channel(node), message)
             await asyncio.wait_for(future, wait)
         except (TimeoutError, *_ERRORS):
@@ -1522,8 +1522,9 @@ class RedisBroker(Broker):
 
     def _on_node_message(self, data: bytes) -> None:
         parts = data.split(b" ")
-        if parts[0] == b"release" and len(parts) == 4:
-            task = asyncio.get_running_loop().create_task(self._release(parts[1].decode(), parts[2].decode(), parts[3]))
+        if parts[0] == b"release" and len(parts) in (4, 5):  # 4: from a process without stamps
+            stamp = int(parts[4]) if len(parts) == 5 and parts[4].isdigit() and len(parts[4]) <= 18 else 0
+            task = asyncio.get_running_loop().create_task(self._release(parts[1].decode(), parts[2].decode(), parts[3], stamp))
             self._release_tasks.add(task)
             task.add_done_callback(self._release_tasks.discard)
         elif parts[0] == b"released" and len(parts) == 2:
@@ -1531,10 +1532,10 @@ class RedisBroker(Broker):
             if future is not None and not future.done():
                 future.set_result(None)
 
-    async def _release(self, token: str, requester: str, request: bytes) -> None:
+    async def _release(self, token: str, requester: str, request: bytes, stamp: int) -> None:
         try:
             for handler in list(self._release_handlers):
-                await handler(token)
+                await handler(token, stamp)
         except Exception:
             logger.exception("releasing a session failed")
         try:

@@ -355,6 +355,8 @@ export interface SessionSnapshot {
   sessionId: string | null;
   seq: number;
   direct: number;
+  /** The last resume stamp offered (absent in snapshots of older versions: 0). */
+  stamp?: number;
   rooms: Record<string, RoomPosition>;
   nextId: number;
   /** `[seq, payload]`, the newest unacked, oldest first. */
@@ -403,6 +405,8 @@ export class Session<P = unknown> {
   /** The last direct seq received, and the last one acked to the server. */
   readonly direct: number;
   readonly directAcked: number;
+  /** The stamp of the last resume offered ({@link offer}). */
+  readonly stamp: number;
   /** Rooms the server put the session in. */
   readonly rooms: Map<string, RoomCursor>;
   /** Waiting for a connection, oldest first. */
@@ -446,8 +450,11 @@ export class Session<P = unknown> {
   roomGap(room: string, last: number, epoch: string | null): void;
   /** The `data.rooms` of a "resume" message. */
   positions(): Record<string, RoomPosition>;
-  /** The subprotocol entry to offer, or null without `resume`. */
-  offer(): string | null;
+  /**
+   * The subprotocol entry to offer (`session`, or `session.<token>.<direct>.<stamp>`), or null
+   * without `resume`. `clock` (ms, the driver passes Date.now()) or the last stamp + 1, whichever is greater.
+   */
+  offer(clock?: number): string | null;
   /** The welcome's `session` (null: the server keeps none). */
   welcomed(info: SessionInfo | null): Welcome<P>;
   /** A reply/error for `id` arrived: true if it answers a pending request. */

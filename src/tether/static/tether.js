@@ -28,7 +28,7 @@ const NO_RECONNECT_CODES = new Set([1008, 4001, 4003]);
 const SECONDS = /^[0-9]+(?:\.[0-9]+)?$/;
 /**
  * The subprotocol a tether server selects; offered with `token.<token>` when a token is set
- * and with `session` / `session.<token>.<direct>` (the session offer) with `resume`.
+ * and with `session` / `session.<token>.<direct>.<stamp>` (the session offer) with `resume`.
  */
 const SUBPROTOCOL = "tether";
 
@@ -186,13 +186,14 @@ export class Session {
   constructor({ outboxSize = 100, backoff = null, maxRetryAfter = 60, resume = false } = {}) {
     if (!(Number.isInteger(outboxSize) && outboxSize >= 0)) throw new RangeError("outboxSize must be an integer >= 0");
     this.resume = resume; // whether the client keeps a session (numbers its messages, resumes)
-    this.token = null; // the session's private token (offer `session.<token>.<direct>`) ...
+    this.token = null; // the session's private token (offer `session.<token>.<direct>.<stamp>`) ...
     this.sessionId = null; // ... and its id
     this.seq = 0; // the last seq given to a message written to the server
     this.unacked = []; // [seq, payload, id] written and not acked by the server yet, oldest first
     this.direct = 0; // the last direct seq received from the server ...
     this.directAcked = 0; // ... and the last one acked to it
     this.rooms = new Map(); // rooms the server put the session in -> RoomCursor
+    this.stamp = 0; // the stamp of the last resume offered: grows with every attempt (offer)
     /** @type {"connecting" | "open" | "reconnecting" | "closed"} */
     this.state = "connecting";
     this.outbox = []; // [payload, id] waiting for a connection, oldest first; id null for one-way
@@ -313,10 +314,18 @@ export class Session {
     return rooms;
   }
 
-  /** The subprotocol entry to offer: "session" (start one), `session.<token>.<direct>` (resume it), or null without `resume`. */
-  offer() {
+  /**
+   * The subprotocol entry to offer: "session" (start one), `session.<token>.<direct>.<stamp>`
+   * (resume it), or null without `resume`. `stamp` orders this client's attempts for the
+   * server (an older attempt that reaches a process late never takes the session back from a
+   * newer one): `clock` (the driver passes Date.now(), so a page restored after a reload comes
+   * after the one it replaces) or one more than the last stamp, whichever is greater.
+   */
+  offer(clock = 0) {
     if (!this.resume) return null;
-    return this.token === null ? "session" : `session.${this.token}.${this.direct}`;
+    if (this.token === null) return "session";
+    this.stamp = Math.max(clock, this.stamp + 1);
+    return `session.${this.token}.${this.direct}.${this.stamp}`;
   }
 
   /**
@@ -434,7 +443,7 @@ export class Session {
       unacked.unshift([seq, payload]);
     }
     return {
-      token: this.token, sessionId: this.sessionId, seq: this.seq, direct: this.direct,
+      token: this.token, sessionId: this.sessionId, seq: this.seq, direct: this.direct, stamp: this.stamp,
       rooms: this.positions(), nextId: this.#nextId, unacked, dropped: this.unacked.length - unacked.length,
     };
   }
@@ -445,14 +454,14 @@ export class Session {
    * its reply). @throws {TypeError} if `saved` does not look like a snapshot.
    */
   restore(saved) {
-    const { token, sessionId = null, seq, direct, rooms, nextId, unacked } = saved ?? {};
+    const { token, sessionId = null, seq, direct, stamp = 0, rooms, nextId, unacked } = saved ?? {};
     const count = (n) => Number.isInteger(n) && n >= 0;
     const valid = typeof token === "string" && count(seq) && count(direct) && count(nextId) && Array.isArray(unacked)
       && unacked.every((e) => Array.isArray(e) && count(e[0]) && typeof e[1] === "string")
       && rooms !== null && typeof rooms === "object"
       && Object.values(rooms).every((p) => p !== null && typeof p === "object" && count(p.offset));
     if (!valid) throw new TypeError("not a saved session");
-    Object.assign(this, { token, sessionId, seq, direct, directAcked: direct });
+    Object.assign(this, { token, sessionId, seq, direct, directAcked: direct, stamp: count(stamp) ? stamp : 0 });
     this.#nextId = Math.max(this.#nextId, nextId);
     this.unacked = unacked.map(([n, payload]) => [n, payload, null]);
     this.rooms = new Map(Object.entries(rooms).map(([room, p]) => [room, new RoomCursor(p.epoch ?? null, p.offset)]));
@@ -717,7 +726,7 @@ export class TetherClient extends EventTarget {
     // (which, unlike query parameters, stay out of access logs). The server selects "tether".
     const offered = [];
     if (token != null) offered.push(`token.${token}`);
-    const offer = this.#session.offer();
+    const offer = this.#session.offer(Date.now());
     if (offer !== null) offered.push(offer);
     let ws;
     try {
