@@ -47,6 +47,14 @@ def test_direct_log_keeps_until_acked_and_replays_the_tail() -> None:
     assert (payloads, gap) == ([b"m4", b"m5"], None)
 
 
+def test_direct_log_restored_from_an_older_copy_numbers_on_after_what_the_client_has() -> None:
+    """A copy saved before its process died knows seq 2; the client received up to 7 from
+    that process: what comes next must be 8, or the client drops it as seen."""
+    log = DirectLog(max_count=10, seq=2)
+    assert log.replay(7) == ([], None)
+    assert log.next() == 8 and log.acked == 7
+
+
 def test_direct_log_overflow_is_a_gap_on_replay() -> None:
     log = DirectLog(max_count=3)
     for n in range(1, 9):

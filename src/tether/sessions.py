@@ -105,6 +105,7 @@ class Session:
     __slots__ = (
         "id", "token", "settings", "inbound", "direct", "rooms", "member", "assigns", "identity", "conn", "live",
         "in_flight", "_expiry", "_ack_timer", "resumed", "ended", "releasing", "version", "saving", "stamp",
+        "on_change",
     )
 
     def __init__(self, settings: Resume) -> None:
@@ -139,6 +140,9 @@ class Session:
         self.saving = asyncio.Lock()
         #: The stamp of the client's connection attempt that holds it (0: none given).
         self.stamp = 0
+        #: Called by :meth:`changed` (set by :class:`Sessions` when sessions are shared: a
+        #: save, so that a process that dies does not take the change with it).
+        self.on_change: Callable[[Session], None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
 
@@ -256,6 +260,12 @@ class Session:
         session.identity = identity
         return session
 
+    def changed(self) -> None:
+        """Its rooms or presence changed (a join, a leave, a meta update): saved for the other
+        processes now, not only when the connection goes (a SIGKILLed process saves nothing)."""
+        if self.on_change is not None and not self.ended:
+            self.on_change(self)
+
     def holds(self, conn: Conn) -> bool:
         """Whether a message ``conn`` received may still be handled for this session: not once
         the session moved on (another connection took it over, another process is taking it,
@@ -308,6 +318,7 @@ class Sessions:
         self._store: SessionStore = _NoStore()
         self._node: str | None = None
         self._tasks: set[asyncio.Future[None]] = set()
+        self._saving_soon: set[Session] = set()
         #: Called with a session whose window passed without a resume (its rooms are left).
         self.on_expiry: Callable[[Session], None] = lambda session: None
         #: Called with a session another process took (its rooms are forgotten here, no leave).
@@ -346,6 +357,7 @@ class Sessions:
             return session, True
         session = Session(self.settings)
         self._by_token[session.token] = session
+        session.on_change = self._changed
         session.attach(conn)
         await self._save(session, self._node)
         return session, False
@@ -357,13 +369,16 @@ class Sessions:
         and a version that grows with every save. We ask the holder to let go (it saves one
         last time), then claim the copy with a save that only succeeds if nobody saved in
         between; losing that race, we look again (a few times, then give up: a new session is
-        an explicit ``resumed: false``, two holders would be silent loss).
+        an explicit ``resumed: false``, two holders would be silent loss). A holder that does
+        not answer within RELEASE_TIMEOUT and saved nothing since (a killed process) is
+        passed over: the session resumes from its last copy.
 
         Each claim records the attempt's ``stamp``; an older attempt finding a newer one's
         stamp gives up (``CloseConnection(4009)``) instead of taking the session back from
         the connection its client uses now.
         """
         local = self._by_token.get(token)
+        asked: set[tuple[str, int]] = set()
         if self._node is None:  # sessions stay in this process
             if local is not None and stamp and local.stamp > stamp:
                 raise _stale()
@@ -383,9 +398,12 @@ class Sessions:
             saved = _saved.decode(blob)
             if stamp and max(saved.stamp, newest) > stamp:
                 raise _stale()  # the client came back later, here or elsewhere
-            if saved.node is not None and saved.node != self._node:
+            if saved.node is not None and saved.node != self._node and (saved.node, saved.version) not in asked:
+                asked.add((saved.node, saved.version))
                 await self._store.release_session(saved.node, token, RELEASE_TIMEOUT, stamp)
                 continue  # read again what it saved
+            # Ours, nobody's, or a holder that was asked and saved nothing since: it is gone
+            # (killed: nothing answers) or stuck; its last copy is what there is.
             if local is not None and local.version == saved.version:
                 candidate, adopted = local, False  # we hold the newest copy
             else:
@@ -396,6 +414,7 @@ class Sessions:
             if _same_identity(candidate.identity, identity):
                 candidate.stamp = max(candidate.stamp, stamp)  # saved with the claim
             if await self._save(candidate, self._node):
+                candidate.on_change = self._changed
                 self._by_token[token] = candidate
                 if adopted:
                     await self.on_adopted(candidate)
@@ -416,6 +435,22 @@ class Sessions:
                 session.version = version
                 return True
             return False
+
+    def _changed(self, session: Session) -> None:
+        """A session held here changed: save it soon (changes in one step go in one save)."""
+        if self._node is None or session in self._saving_soon or self._by_token.get(session.token) is not session:
+            return
+        self._saving_soon.add(session)
+        task = asyncio.get_running_loop().create_task(self._save_changed(session))
+        self._tasks.add(task)
+        task.add_done_callback(self._saved)
+
+    async def _save_changed(self, session: Session) -> None:
+        await asyncio.sleep(0)  # the rest of this step's changes (several joins at connect)
+        self._saving_soon.discard(session)
+        if session.ended or session.releasing or self._by_token.get(session.token) is not session:
+            return
+        await self._keep_or_forget(session)
 
     def _keep(self, session: Session) -> None:
         """Save a detached session (in the background); if another process took it meanwhile,

@@ -148,7 +148,13 @@ class DirectLog:
 
     def replay(self, after: int) -> tuple[list[bytes], Gap | None]:
         """What to resend to a client that received up to ``after``: the kept messages after
-        it, and the gap before them if some were dropped."""
+        it, and the gap before them if some were dropped.
+
+        A client that received more than this log ever numbered (``after`` > ``seq``: a copy
+        saved before the process that held the session died) gets the next messages numbered
+        after what it has, or it would drop them as seen."""
+        if after > self.seq:
+            self.seq = after
         self.ack(after)
         after = max(after, self.acked)
         first = self.entries[0][0] if self.entries else self.seq + 1

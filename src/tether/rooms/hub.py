@@ -208,6 +208,7 @@ class Hub:
         meta_json = encode(meta)
         if session is not None:
             session.rooms[room] = Membership(meta_json, presence)
+            session.changed()
         self._add(conn, room, member)
         await self._subscribe(room)
         if session is not None:
@@ -262,6 +263,7 @@ class Hub:
         meta_json = encode(meta)
         if isinstance(conn.session, Session) and room in conn.session.rooms:
             conn.session.rooms[room].meta = meta_json
+            conn.session.changed()
         await self.broker.put_member(room, member, meta_json)
         await self._event(room, "update", member, meta_json, exclude=conn)
 
@@ -269,7 +271,8 @@ class Hub:
         """Take ``conn`` out of ``room`` (a no-op if it is not in it)."""
         found, member = self._remove(conn, room)
         if isinstance(conn.session, Session):
-            conn.session.rooms.pop(room, None)
+            if conn.session.rooms.pop(room, None) is not None:
+                conn.session.changed()
             _direct(conn, conn.session, "left", None, room)
         if found and member is not None:
             await self._announce_leave(room, member)
