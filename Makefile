@@ -151,7 +151,7 @@ demo: $(DEMO_STAMP)
 #                      of docs/benchmarks.md and docs/soak.png (bench/soak.py; SOAK_ARGS="--peers tether" etc.)
 
 BENCH_STAMP := $(VENV)/.tether-bench-installed
-.PHONY: bench bench-quick bench-selftest bench-gencost bench-micro soak soak-faults
+.PHONY: bench bench-quick bench-selftest bench-gencost bench-micro bench-workers soak soak-faults
 
 $(BENCH_STAMP): $(VENV_STAMP)
 	$(VENV)/bin/python -m pip install --disable-pip-version-check -q -e '.[dev,bench]'
@@ -176,6 +176,13 @@ bench-gencost: $(BENCH_STAMP)
 
 bench-micro: $(VENV_STAMP)
 	$(VENV)/bin/python bench/micro.py $(MICRO_ARGS)
+
+# Broadcast to 10,000 receivers: 1 process (memory broker, then Redis) vs 2 workers on Redis
+# (~3 min): the WORKERS section of docs/benchmarks.md and docs/workers.png (WORKERS_ARGS="--runs 5").
+bench-workers: $(BENCH_STAMP)
+	command -v go >/dev/null && command -v redis-server >/dev/null || $(MAKE) deps
+	ulimit -n "$$(ulimit -Hn)"
+	$(VENV)/bin/python bench/workers.py $(WORKERS_ARGS)
 
 soak: $(BENCH_STAMP)
 	command -v go >/dev/null || $(MAKE) deps

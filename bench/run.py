@@ -1086,18 +1086,19 @@ PROFILE_BEGIN, PROFILE_END = "<!-- PROFILE BEGIN -->", "<!-- PROFILE END -->"
 
 NOTES_BEGIN, NOTES_END = "<!-- NOTES BEGIN -->", "<!-- NOTES END -->"
 SOAK_BEGIN, SOAK_END = "<!-- SOAK BEGIN -->", "<!-- SOAK END -->"  # bench/soak.py's section
+WORKERS_BEGIN, WORKERS_END = "<!-- WORKERS BEGIN -->", "<!-- WORKERS END -->"  # bench/workers.py's section
 
 
 def write_report(md_path: Path, text: str) -> None:
-    """Write the generated report; hand-written NOTES, the PROFILE section and the SOAK
-    section (bench/soak.py, make soak) survive reruns."""
+    """Write the generated report; hand-written NOTES, the PROFILE section, the SOAK section
+    (bench/soak.py, make soak) and the WORKERS section (bench/workers.py) survive reruns."""
     notes = ""
     kept: list[str] = []
     if md_path.exists():
         old = md_path.read_text()
         if NOTES_BEGIN in old and NOTES_END in old:
             notes = old[old.index(NOTES_BEGIN): old.index(NOTES_END) + len(NOTES_END)]
-        for begin, end in ((PROFILE_BEGIN, PROFILE_END), (SOAK_BEGIN, SOAK_END)):
+        for begin, end in ((PROFILE_BEGIN, PROFILE_END), (SOAK_BEGIN, SOAK_END), (WORKERS_BEGIN, WORKERS_END)):
             if begin in old and end in old:
                 kept.append(old[old.index(begin): old.index(end) + len(end)])
     if notes:  # right after the command line

@@ -1,9 +1,10 @@
 """tether: the typed echo, exactly as its docs show.
 
-    python tether_server.py PORT [--metrics]
+    python tether_server.py PORT [--metrics] [--workers N] [--broker URL]
 
 ``--metrics``: the server keeps its Prometheus metrics (``metrics=True``, docs/deploy.md), to
-measure what they cost on the message path. Resume (sessions) is on by default for clients that
+measure what they cost on the message path. ``--workers N --broker redis://...``: N worker
+processes on the port sharing rooms through Redis (bench/workers.py). Resume (sessions) is on by default for clients that
 offer it: the load generator's ``-session`` measures it.
 """
 
@@ -40,4 +41,12 @@ async def broadcast(conn: tether.Conn, data: Echo) -> None:
     await app.broadcast("all", "broadcast", data)
 
 
-tether.run({"/": app}, host="127.0.0.1", port=PORT, metrics="--metrics" in sys.argv)  # blocking; uvloop when installed
+def option(name: str) -> str | None:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else None
+
+
+workers = int(option("--workers") or 1)
+broker = option("--broker")
+settings = {"broker": broker} if broker else {}
+# blocking; uvloop when installed
+tether.run({"/": app}, host="127.0.0.1", port=PORT, metrics="--metrics" in sys.argv, workers=workers, **settings)
