@@ -551,7 +551,10 @@ async def test_history_while_redis_is_away_is_a_lost_gap_or_delivered_once_it_is
         await _published(a, 8)
         await admin.acl_setuser("b", enabled=True)
         await got_b.has(3, "third")
-    assert got_b.messages("third") == [(2, b"t2"), (3, b"t3"), (4, b"t4")] and got_b.gaps("third") == []
+    # position() told someone (a member joining) the position was unknown: positioned by the
+    # resume's (epoch, offset), the room tells its members the epoch with an epoch gap first.
+    assert got_b.messages("third") == [(2, b"t2"), (3, b"t3"), (4, b"t4")]
+    assert got_b.gaps("third") == [Gap(0, 1, "epoch", third)]
 
 
 async def test_a_stream_batch_in_a_failed_pipeline_is_sent_again_a_raw_one_is_dropped(
@@ -1016,6 +1019,32 @@ async def test_redis_restarted_under_a_connected_client_is_an_epoch_gap_and_noth
         await pair.from_b(4)
         await seen.until(lambda: seen.said[-1:] == [4], "everything after the restart")
     assert seen.log == [("said", 0), ("said", 1), ("gap", "lobby", 0, 0, "epoch"), ("said", 2), ("said", 3), ("said", 4)]
+
+
+async def test_a_member_that_joined_while_redis_was_down_learns_the_epoch_and_resumes_without_duplicates(pair: Pair) -> None:
+    """Joined while Redis was away, the client is told the room's position is unknown (no
+    epoch). Room messages do not carry their epoch: without being told it when the room is
+    positioned, the client resumed as one of an older epoch and got the whole stream again
+    (found by the fault soak: about 50-130 deliveries twice around its Redis restarts)."""
+    resumed: list[tuple[bool, int]] = []
+    pair.redis.stop()
+    await _state_is(pair.broker(0), LinkState.DOWN)
+    async with timeout(30), pair.client() as client:
+        client.add_listener("resumed", lambda *args: resumed.append(args))
+        seen = Seen(client)
+        await client.wait_open()
+        await eventually(lambda: _local(pair, 1), 5, "the client is in the lobby on A")
+        pair.redis.start()  # empty
+        await _state_is(pair.broker(0), LinkState.UP)
+        await _state_is(pair.broker(1), LinkState.UP)
+        await pair.from_b(0, 1, 2)
+        await seen.until(lambda: seen.said == [0, 1, 2], "live")
+        pair.proxy.cut_all()
+        await seen.until(lambda: len(resumed) == 1, "the resume")
+        await pair.from_b(3)
+        await seen.until(lambda: seen.said[-1:] == [3], "live after the resume")
+    assert seen.said == [0, 1, 2, 3] and resumed == [(True, 0)]
+    assert [gap[3] for gap in seen.gaps] == ["epoch"]  # told once, before the first message
 
 
 async def test_a_session_outlives_a_redis_restart_that_emptied_the_session_store(pair: Pair) -> None:

@@ -466,12 +466,15 @@ class Track:
 class _Room:
     """A subscribed room: its :class:`Track` and the sync (repair) running for it."""
 
-    __slots__ = ("track", "task", "again")
+    __slots__ = ("track", "task", "again", "unknown")
 
     def __init__(self) -> None:
         self.track = Track()
         self.task: asyncio.Task[None] | None = None
         self.again = False  # read once more when the running sync ends (a reconnect happened)
+        #: A member was told the room's position is unknown (``(None, 0)``: it joined while
+        #: Redis was away): it learns the epoch when the room is positioned (see _positioned).
+        self.unknown = False
 
 
 def parse(data: bytes) -> tuple[int, str, bytes, bytes]:
@@ -1283,7 +1286,7 @@ class RedisBroker(Broker):
                             epoch, head = await self._position(room)
                             if self._tracks.get(room) is not state:
                                 return
-                            track.position(epoch, head)
+                            self._positioned(room, state, epoch, head)
                         else:
                             after, current = track.last, track.epoch
                             epoch, _, items, gap = await self._read_stream(room, after, current, self.max_repair, repair=True)
@@ -1311,6 +1314,17 @@ class RedisBroker(Broker):
                 self._emit(room, track.give_up())
         finally:
             state.task = None
+
+    def _positioned(self, room: str, state: _Room, epoch: str, head: int) -> None:
+        """Position a room's track. Members told its position was unknown (they joined while
+        Redis was away) get an ``epoch`` gap up to where delivery starts, ahead of every
+        message: room messages do not carry their epoch, and a client that never learned it
+        would, resuming, be answered as one of an older epoch and get them all again."""
+        state.track.position(epoch, head)
+        if state.unknown:
+            state.unknown = False
+            assert state.track.last is not None
+            self._emit(room, [Gap(0, state.track.last, EPOCH, epoch)])
 
     def _emit(self, room: str, out: Any) -> None:
         """Hand the hub what a repair produced: messages (deliver) and gaps (on_gap)."""
@@ -1341,7 +1355,7 @@ class RedisBroker(Broker):
                 if self._tracks.get(room) is not state:
                     continue
                 if track.last is None and state.task is None:
-                    track.position(epoch, head)
+                    self._positioned(room, state, epoch, head)
                     delivered, hole = track.drain()
                     self._emit(room, delivered)
                     if hole:
@@ -1440,6 +1454,8 @@ class RedisBroker(Broker):
         state = self._tracks.get(room)
         if state is not None and state.track.last is not None:
             return state.track.epoch, state.track.last
+        if state is not None:
+            state.unknown = True  # it learns the epoch once the room is positioned
         return None, 0
 
     async def history(self, room: str, after: int, epoch: str | None, limit: int) -> tuple[list[tuple[int, bytes]], Gap | None]:
@@ -1459,7 +1475,7 @@ class RedisBroker(Broker):
         track = state.track
         if track.last is None:
             if epoch is not None:
-                track.position(epoch, after)
+                self._positioned(room, state, epoch, after)
             return [], None
         if track.epoch != epoch:
             return [], Gap(0, track.last, EPOCH, track.epoch)
