@@ -1089,6 +1089,17 @@ SOAK_BEGIN, SOAK_END = "<!-- SOAK BEGIN -->", "<!-- SOAK END -->"  # bench/soak.
 WORKERS_BEGIN, WORKERS_END = "<!-- WORKERS BEGIN -->", "<!-- WORKERS END -->"  # bench/workers.py's section
 
 
+def replace_section(md: Path, begin: str, end: str, section: str) -> None:
+    """Put ``section`` (which starts with ``begin`` and ends with ``end``) in place of the one
+    between those markers in ``md``, or at its end (bench/soak.py, bench/workers.py)."""
+    text = md.read_text() if md.exists() else ""
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    md.write_text(text)
+
+
 def write_report(md_path: Path, text: str) -> None:
     """Write the generated report; hand-written NOTES, the PROFILE section, the SOAK section
     (bench/soak.py, make soak) and the WORKERS section (bench/workers.py) survive reruns."""

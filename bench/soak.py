@@ -899,12 +899,10 @@ def _gc(r: dict[str, Any]) -> str:
 
 
 def write_section(md: Path, section: str) -> None:
-    text = md.read_text() if md.exists() else ""
-    if SOAK_BEGIN in text and SOAK_END in text:
-        text = text[: text.index(SOAK_BEGIN)] + section + text[text.index(SOAK_END) + len(SOAK_END):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    md.write_text(text)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import run  # bench/run.py (imported here only: the soak needs nothing else of it)
+
+    run.replace_section(md, SOAK_BEGIN, SOAK_END, section)
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:

@@ -228,12 +228,7 @@ def render(summary: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def write_section(section: str) -> None:
-    text = MD.read_text() if MD.exists() else ""
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    MD.write_text(text)
+    bench.replace_section(MD, BEGIN, END, section)
 
 
 def plot(summary: dict[str, Any]) -> None:
