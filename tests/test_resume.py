@@ -220,9 +220,11 @@ async def test_broadcasts_sent_while_cut_arrive_after_the_resume_in_order(setup:
         for n in range(3):
             await setup.app.broadcast("lobby", "said", n)
         await until(lambda: len(seen.said) == 3)
+        setup.proxy.block()
         setup.proxy.cut_all()
         for n in range(3, 10):
             await setup.app.broadcast("lobby", "said", n)  # the client is away
+        setup.proxy.unblock()
         await seen.reconnect()
         await until(lambda: len(seen.said) == 10)
         await setup.app.broadcast("lobby", "said", 10)
@@ -317,9 +319,11 @@ async def test_history_trimmed_while_away_is_a_gap_then_the_rest(setup: Setup) -
         await client.wait_open()
         await setup.app.broadcast("lobby", "said", 0)
         await until(lambda: seen.said == [0])
+        setup.proxy.block()  # away until the broadcasts are made (or they go live)
         setup.proxy.cut_all()
         for n in range(1, 11):
             await setup.app.broadcast("lobby", "said", n)
+        setup.proxy.unblock()
         await seen.reconnect()
         await until(lambda: len(seen.said) == 4)
     assert seen.said == [0, 8, 9, 10]
@@ -350,11 +354,13 @@ async def test_epoch_change_while_away_is_a_gap(setup: Setup) -> None:
         await client.wait_open()
         await setup.app.broadcast("lobby", "said", 1)
         await until(lambda: seen.said == [1])
+        setup.proxy.block()  # away until the epoch changed and 2 was sent
         setup.proxy.cut_all()
         broker = setup.server.hub.broker
         assert isinstance(broker, tether.MemoryBroker)
         broker.bus.streams.pop("lobby")  # the room's history is lost: a new epoch
         await setup.app.broadcast("lobby", "said", 2)
+        setup.proxy.unblock()
         await seen.reconnect()
         await until(lambda: seen.gaps)
         await setup.app.broadcast("lobby", "said", 3)
@@ -406,10 +412,12 @@ async def test_direct_messages_beyond_the_log_are_a_gap_on_resume() -> None:
             seen = Seen(client)
             client.on("push", got.append)
             await client.request("mine")
+            proxy.block()  # the client stays away until the pushes are made (or they go live)
             proxy.cut_all()
             await until(lambda: pushes[0].state is tether.ConnState.CLOSED)
             for n in range(8):
                 await pushes[0].emit("push", n)  # kept by the session, not raised: the client will resume
+            proxy.unblock()
             await seen.reconnect()
             await until(lambda: len(got) == 3)
             await until(lambda: seen.gaps)
