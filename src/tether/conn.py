@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from .metrics import Metrics
 
 __all__ = [
+    "CLOSED",
+    "CLOSING",
+    "OPEN",
     "Conn",
     "ConnSettings",
     "ConnState",
@@ -82,6 +85,11 @@ class ConnState(enum.Enum):
     OPEN = 1
     CLOSING = 2
     CLOSED = 3
+
+
+#: The members of :class:`ConnState` as plain names, for hot paths: an attribute of an Enum
+#: class costs ~60 ns to read on Python 3.11, and every write tests the state.
+OPEN, CLOSING, CLOSED = ConnState.OPEN, ConnState.CLOSING, ConnState.CLOSED
 
 
 class Overflow(enum.StrEnum):
@@ -299,7 +307,7 @@ class Conn:
         self._transport = transport
         self.request = request
         self.is_client = is_client
-        self.state = ConnState.OPEN
+        self.state = OPEN
         #: Close code and reason: ours once we start closing, the peer's once it answers.
         self.close_code: int | None = None
         self.close_reason = ""
@@ -396,7 +404,7 @@ class Conn:
         if self._receiver is not None:
             raise ConcurrencyError("another task is already waiting in receive() on this connection")
         while not self._inbox:
-            if self.state is ConnState.CLOSED:
+            if self.state is CLOSED:
                 raise self.closed_error()
             self._receiver = asyncio.get_running_loop().create_future()
             try:
@@ -488,7 +496,7 @@ class Conn:
     async def drain(self) -> None:
         """Wait until the transport's write buffer has room again."""
         while self._write_paused:
-            if self.state is ConnState.CLOSED:
+            if self.state is CLOSED:
                 raise self.closed_error()
             if self._drain is None:
                 self._drain = asyncio.get_running_loop().create_future()
@@ -501,7 +509,7 @@ class Conn:
         For framework code (replies, heartbeats); applications use :meth:`send`/:meth:`emit`,
         which also wait while the peer is not reading.
         """
-        if self.state is not ConnState.OPEN:
+        if self.state is not OPEN:
             raise self.closed_error()
         self._transport.write(opcode, payload)
         self._last_write = _now()
@@ -536,7 +544,7 @@ class Conn:
     def keepalive_tick(self) -> None:
         """The keepalive timer (tether.wheel) fired for this connection."""
         pinger = self._pinger
-        if pinger is None or self.state is not ConnState.OPEN:
+        if pinger is None or self.state is not OPEN:
             return
         now = _now()
         action = pinger.tick(now)
@@ -572,14 +580,14 @@ class Conn:
         closed = self._closed
         if closed is None:
             closed = self._closed = asyncio.get_running_loop().create_future()
-            if self.state is ConnState.CLOSED:
+            if self.state is CLOSED:
                 closed.set_result(None)
         return closed
 
     def on_close(self, callback: Callable[[Conn], object]) -> None:
         """Call ``callback(conn)`` once the connection is closed (soon after, from the event
         loop, in the order the callbacks were added; at once if it is closed already)."""
-        if self.state is ConnState.CLOSED:
+        if self.state is CLOSED:
             asyncio.get_running_loop().call_soon(callback, self)
         elif self._close_callbacks is None:
             self._close_callbacks = [callback]
@@ -588,7 +596,7 @@ class Conn:
 
     def start_close(self, code: int, reason: str) -> None:
         """Start the closing handshake without waiting for it (no-op unless open)."""
-        if self.state is not ConnState.OPEN:
+        if self.state is not OPEN:
             return
         self._closing(code, reason)
         self._transport.write_close(code, reason)
@@ -597,7 +605,7 @@ class Conn:
 
     def _closing(self, code: int, reason: str) -> None:
         """OPEN -> CLOSING: the only way out of OPEN short of losing the connection."""
-        self.state = ConnState.CLOSING
+        self.state = CLOSING
         self.close_code, self.close_reason = code, reason
         loop = asyncio.get_running_loop()
         # Bounds the handshake and the graceful end of TCP: a peer that neither answers nor
@@ -606,7 +614,7 @@ class Conn:
 
     def drop(self) -> None:
         """End the TCP connection now, discarding what is not written yet."""
-        if self.state is not ConnState.CLOSED:
+        if self.state is not CLOSED:
             self._transport.abort()
 
     def closed_error(self) -> ConnectionClosed:
@@ -618,12 +626,12 @@ class Conn:
     def pause_reading(self) -> None:
         """Stop reading from the peer until :meth:`resume_reading` (or a close starts)."""
         self._reading_held = True
-        if self.state is not ConnState.CLOSED:
+        if self.state is not CLOSED:
             self._transport.pause_reading()
 
     def resume_reading(self) -> None:
         self._reading_held = False
-        if self.state is not ConnState.CLOSED and not self._read_paused:
+        if self.state is not CLOSED and not self._read_paused:
             self._transport.resume_reading()
 
     # -- TransportEvents: called by the transport ------------------------------------------
@@ -634,7 +642,7 @@ class Conn:
         once; with one, in its turn after the messages queued before it, the consumer answers
         it, until the limiter gives up on the peer: then close with 1008.
         """
-        if self.state is not ConnState.OPEN:
+        if self.state is not OPEN:
             return
         self.messages_in += 1
         item: Message | _Rejected = message
@@ -675,7 +683,7 @@ class Conn:
 
     def on_close_frame(self, code: int, reason: str) -> None:
         """The peer sent a close frame (RFC 6455 section 5.5.1)."""
-        if self.state is ConnState.OPEN:
+        if self.state is OPEN:
             self._closing(code, reason)
             # Echo the code back; 1005 (no status) cannot be sent, answer with 1000.
             self._transport.write_close(1000 if code == 1005 else code, "")
@@ -688,20 +696,20 @@ class Conn:
 
     def on_protocol_error(self, code: int, reason: str) -> None:
         """The peer broke the protocol (or stopped answering): close with ``code``, drop."""
-        if self.state is ConnState.CLOSED:
+        if self.state is CLOSED:
             return
-        if self.state is ConnState.OPEN:
+        if self.state is OPEN:
             self._closing(code, reason)
             self._transport.write_close(code, reason)
         self._transport.disconnect()
 
     def on_lost(self) -> None:
         """The TCP connection is gone."""
-        if self.state is ConnState.CLOSED:
+        if self.state is CLOSED:
             return
         if self.close_code is None:
             self.close_code, self.close_reason = 1006, ""
-        self.state = ConnState.CLOSED
+        self.state = CLOSED
         if self._close_timer is not None:
             self._close_timer.cancel()
         for fut in (self._receiver, self._drain):
@@ -736,7 +744,7 @@ class Conn:
         """Answer a ping; while the peer is not reading, keep only the latest [5.5.3]."""
         if self._write_paused:
             self._pending_pong = payload
-        elif self.state is ConnState.OPEN:
+        elif self.state is OPEN:
             self._transport.pong(payload)
 
     def on_pong(self, payload: bytes) -> None:
@@ -753,7 +761,7 @@ class Conn:
         draining the inbox anyway, so reading still pauses once it fills).
         """
         pause = len(self._inbox or ()) >= self._settings.max_queue
-        if pause != self._read_paused and self.state is not ConnState.CLOSED:
+        if pause != self._read_paused and self.state is not CLOSED:
             self._read_paused = pause
             if pause:
                 self._transport.pause_reading()
@@ -784,17 +792,23 @@ class Conn:
         """Broadcast statistics: send queue depth, frames dropped, frames sent."""
         return SendStats(len(self._send_queue or ()), self._dropped, self._sent)
 
-    def write_broadcast(self, frame: bytes, opcode: int, payload: bytes) -> None:
+    def write_broadcast(self, frame: bytes, opcode: int, payload: bytes, now: float = 0.0) -> None:
         """Write a broadcast frame built once for many receivers; never waits, never raises.
 
         While the socket's buffer is full the frame waits in a bounded queue instead.
+        ``now`` (``time.monotonic()``) is read once per broadcast by the caller, not once per
+        receiver.
         """
-        if self.state is not ConnState.OPEN:
+        if self.state is not OPEN:
             return
         if self._write_paused or self._send_queue:
             self._queue_shared(frame, opcode, payload)
             return
-        self._put_shared(frame, opcode, payload)
+        # _put_shared, inlined: this runs once per receiver of every broadcast.
+        self._transport.write_frame(frame, opcode, payload)
+        self._sent += 1
+        self.messages_out += 1
+        self._last_write = now or _now()
 
     def _put_shared(self, frame: bytes, opcode: int, payload: bytes) -> None:
         self._transport.write_frame(frame, opcode, payload)
@@ -827,7 +841,7 @@ class Conn:
     def _flush_send_queue(self) -> None:
         """The socket drained: write queued broadcast frames until it is full again."""
         queue = self._send_queue
-        while queue and not self._write_paused and self.state is ConnState.OPEN:
+        while queue and not self._write_paused and self.state is OPEN:
             self._put_shared(*queue.popleft())
 
 

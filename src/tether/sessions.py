@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import msgspec
 
 from .auth import Identity
-from .conn import Conn, ConnState
+from .conn import OPEN, Conn
 from .errors import CloseConnection, ConnectionClosedOK
 from .proto.envelope import Id, encode_message
 from .proto.frames import OP_TEXT
@@ -164,7 +164,7 @@ class Session:
             self._ack_timer.cancel()
             self._ack_timer = None
         conn = self.conn
-        if conn is not None and self.live and conn.state is ConnState.OPEN:
+        if conn is not None and self.live and conn.state is OPEN:
             conn.write(OP_TEXT, payload)
 
     def replay(self, after: int) -> Gap | None:
@@ -197,7 +197,7 @@ class Session:
         self._ack_timer = None
         ack = self.inbound.ack_due()
         conn = self.conn
-        if ack is not None and conn is not None and conn.state is ConnState.OPEN:
+        if ack is not None and conn is not None and conn.state is OPEN:
             conn.write(OP_TEXT, encode_message("ack", None, ack=ack))
 
     # -- attach / detach -------------------------------------------------------------------

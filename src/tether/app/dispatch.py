@@ -28,7 +28,7 @@ from typing import Any, TypeAlias, cast
 
 import msgspec
 
-from ..conn import Conn, ConnState, Message
+from ..conn import CLOSED, OPEN, Conn, Message
 from ..errors import CloseConnection, ConnectionClosed, ReplyError
 from ..proto.envelope import INTERNAL, RATE_LIMITED, Id, classify_error, encode_message, error_id
 from ..proto.frames import OP_TEXT
@@ -104,7 +104,7 @@ class Dispatcher:
         conn.consumer = self
         try:
             conn.release()  # what arrived during on_connect and the welcome
-            while conn.state is not ConnState.CLOSED:
+            while conn.state is not CLOSED:
                 self._job_ready = loop.create_future()
                 if self._job is None:
                     await self._job_ready
@@ -129,7 +129,7 @@ class Dispatcher:
 
     def _open(self) -> bool:
         # A method, not an inline comparison: the state changes while we await.
-        return self.conn.state is not ConnState.CLOSED
+        return self.conn.state is not CLOSED
 
     def _may_release(self) -> bool:
         return not self._suspended and self._running < self._table.max_concurrent
@@ -269,7 +269,7 @@ class Dispatcher:
             self._error(id, exc.code, exc.message)
         elif isinstance(exc, CloseConnection):
             self.conn.start_close(exc.code, exc.reason)
-        elif isinstance(exc, ConnectionClosed) and self.conn.state is not ConnState.OPEN:
+        elif isinstance(exc, ConnectionClosed) and self.conn.state is not OPEN:
             pass  # our own connection closed under the handler: nobody to answer
         elif isinstance(exc, Exception):
             logger.error("handler for %r failed on %s", type, self.conn.path, exc_info=exc, extra={"type": type, "path": self.conn.path})
@@ -322,7 +322,7 @@ class Dispatcher:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         full = self._running >= self._table.max_concurrent
         self._running -= 1
-        if full and self._may_release() and self.conn.state is ConnState.OPEN:
+        if full and self._may_release() and self.conn.state is OPEN:
             self.conn.release()
 
     async def _run_task(self, route: Route, data: Any, id: Id) -> None:

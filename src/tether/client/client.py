@@ -43,7 +43,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import msgspec
 
 from ..auth import SUBPROTOCOL
-from ..conn import Conn, ConnState
+from ..conn import OPEN, Conn
 from ..errors import ClientClosed, ConnectionClosed, ConnectionLost, InvalidHandshake, OutboxOverflow, ReplyError
 from ..proto.backoff import Backoff
 from ..proto.envelope import Envelope, decode, encode_message
@@ -355,7 +355,7 @@ class Client:
     def _welcome(self, conn: Conn, data: Any) -> None:
         """The server's welcome: resume the streams (or learn they are gone), then open."""
         session = self._session
-        if conn.state is not ConnState.OPEN:
+        if conn.state is not OPEN:
             return  # closing already: the next connection gets its own welcome
         welcome = session.welcomed(data.get("session") if isinstance(data, dict) else None)
         try:
@@ -468,7 +468,7 @@ class Client:
         conn = self._conn
         if write_now:
             assert conn is not None
-            if conn.state is ConnState.OPEN:
+            if conn.state is OPEN:
                 conn.write(OP_TEXT, self._session.wrote(id, payload))
                 return conn
             dropped = self._session.queue(payload, id)  # going away: it waits for the next one
@@ -486,7 +486,7 @@ class Client:
     def _send_ack(self) -> None:
         self._ack_timer = None
         conn = self._conn
-        ack = self._session.ack_due() if conn is not None and conn.state is ConnState.OPEN else None
+        ack = self._session.ack_due() if conn is not None and conn.state is OPEN else None
         if conn is not None and ack is not None:
             conn.write(OP_TEXT, encode_message("ack", None, ack=ack))
 

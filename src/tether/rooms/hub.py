@@ -34,12 +34,13 @@ import asyncio
 import itertools
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from ..conn import Conn, ConnState
+from ..conn import OPEN, Conn
 from ..metrics import Metrics
 from ..proto.envelope import decode, encode, encode_message, with_offset
 from ..proto.frames import OP_BINARY, OP_TEXT, encode_frame
@@ -50,6 +51,8 @@ from .broker import Broker, History, MemoryBroker
 __all__ = ["Hub", "Member", "History", "make_broker", "is_shared", "pack", "unpack"]
 
 logger = logging.getLogger("tether.rooms")
+
+_now = time.monotonic
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 
@@ -197,7 +200,7 @@ class Hub:
         epoch and last offset), and stays in the room across resumes.
         Raises :class:`tether.ConnectionClosed` if ``conn`` is closed.
         """
-        if conn.state is not ConnState.OPEN:
+        if conn.state is not OPEN:
             raise conn.closed_error()
         await self.start()
         members = self._rooms.setdefault(room, {})
@@ -313,7 +316,7 @@ class Hub:
 
     def _parked(self, conn: Conn, room: str) -> bool:
         session = conn.session
-        return isinstance(session, Session) and room in session.rooms and conn.state is not ConnState.OPEN
+        return isinstance(session, Session) and room in session.rooms and conn.state is not OPEN
 
     async def end_session(self, session: Session) -> None:
         """A session expired: leave the rooms it was parked in (presence ``leave`` events)."""
@@ -346,7 +349,7 @@ class Hub:
         assert isinstance(session, Session)
         await self.start()
         for room, membership in list(session.rooms.items()):
-            if conn.state is not ConnState.OPEN:
+            if conn.state is not OPEN:
                 return
             member = session.member if membership.presence else None
             await self._subscribe(room)
@@ -367,7 +370,7 @@ class Hub:
             buffers.pop(conn, None)
             if not buffers:
                 self._catching_up.pop(room, None)
-        if conn.state is not ConnState.OPEN:
+        if conn.state is not OPEN:
             return
         start = after
         if gap is not None:
@@ -488,10 +491,11 @@ class Hub:
         if not members:
             return 0
         frame = encode_frame(opcode, payload)  # once for every receiver
+        now = _now()
         count = 0
         for conn in tuple(members):  # a write may close a slow consumer: iterate a copy
             if conn is not exclude:
-                conn.write_broadcast(frame, opcode, payload)
+                conn.write_broadcast(frame, opcode, payload, now)
                 count += 1
         if self.metrics is not None:
             self.metrics.sent(opcode, payload, count)

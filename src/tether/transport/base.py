@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..auth import SUBPROTOCOL, TOKEN_EXPIRED, UNAUTHORIZED, Auth, subprotocols
-from ..conn import Conn, ConnState, Request
+from ..conn import OPEN, Conn, Request
 from ..errors import CloseConnection, ConnectionClosed
 from ..proto.limits import RateLimit, TokenBucket
 from .forwarded import Hop, TrustedProxies, read_headers
@@ -210,7 +210,7 @@ async def run_handler(handler: Handler, conn: Conn) -> None:
     try:
         await handler(conn)
     except ConnectionClosed:
-        if conn.state is ConnState.OPEN:  # not ours: the handler failed while we are open
+        if conn.state is OPEN:  # not ours: the handler failed while we are open
             logger.exception("handler for %s failed on another connection's close; closing with 1011", conn.path)
             conn.start_close(1011, "internal error")
     except CloseConnection as exc:
