@@ -192,8 +192,9 @@ class Receiver:
         self._state = state
         self.idle = state is _State.IDLE
 
-    def receive_frame(self, opcode: int, fin: bool, rsv: bool, payload: bytes) -> Event:
-        """Feed one received frame; ``rsv`` is True if any of RSV1..3 is set.
+    def receive_frame(self, opcode: int, fin: int, rsv: int, payload: bytes) -> Event:
+        """Feed one received frame; ``fin`` is nonzero for the last frame of a message and
+        ``rsv`` nonzero if any of RSV1..3 is set (ints: picows gives its flags as ints).
 
         Returns the complete message (str for text, bytes for binary) when this frame ends
         one; None when more fragments are needed, for PING and PONG, and for any frame after
@@ -220,7 +221,7 @@ class Receiver:
 
     # Data frames
 
-    def _start(self, opcode: int, fin: bool, payload: bytes) -> Event:
+    def _start(self, opcode: int, fin: int, payload: bytes) -> Event:
         if self._state is not _State.IDLE:
             # [5.4] Fragments of one message MUST NOT be interleaved with another message.
             return self._fail(CloseCode.PROTOCOL_ERROR, "new message before previous one ended")
@@ -248,7 +249,7 @@ class Receiver:
             # [8.1] Invalid UTF-8 in a text message fails the connection; [7.4.1] code 1007.
             return self._fail(CloseCode.INVALID_DATA, "invalid UTF-8")
 
-    def _continue(self, fin: bool, payload: bytes) -> Event:
+    def _continue(self, fin: int, payload: bytes) -> Event:
         if self._state is _State.IDLE:
             # [5.4] A continuation frame must follow a non-final TEXT or BINARY frame.
             return self._fail(CloseCode.PROTOCOL_ERROR, "continuation frame without a message")
@@ -257,7 +258,7 @@ class Receiver:
             return self._fail(CloseCode.MESSAGE_TOO_BIG, "message too big")
         self._size = size
         if self._state is _State.TEXT:
-            return self._feed_text(payload, final=fin)
+            return self._feed_text(payload, final=bool(fin))
         assert self._chunks is not None  # a binary message is in progress
         self._chunks.append(payload)
         if not fin:
@@ -288,7 +289,7 @@ class Receiver:
 
     # Control frames
 
-    def _control(self, opcode: int, fin: bool, payload: bytes) -> CloseReceived | Fail | None:
+    def _control(self, opcode: int, fin: int, payload: bytes) -> CloseReceived | Fail | None:
         if not fin or len(payload) > MAX_CONTROL_PAYLOAD:
             # [5.5] Control frames MUST NOT be fragmented and carry at most 125 bytes.
             return self._fail(CloseCode.PROTOCOL_ERROR, "invalid control frame")

@@ -259,7 +259,7 @@ class Server:
         metrics = self.metrics
         if metrics is not None:
             metrics.opened()
-            _attach(conn, metrics)
+            conn.metrics = metrics  # the hooks of Conn and its Dispatcher report here
         log = logs.access_enabled()
         if log:
             logs.log_open(conn)
@@ -286,15 +286,6 @@ def _make_metrics(setting: bool | Metrics) -> Metrics | None:
         return None
     require()
     return Metrics(directory=os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None)
-
-
-def _attach(conn: Conn, metrics: Metrics) -> None:
-    """Give ``conn`` the metrics its hooks (Conn, Dispatcher) report to, where it has the slot."""
-    if "metrics" in _CONN_SLOTS:
-        setattr(conn, "metrics", metrics)  # noqa: B010
-
-
-_CONN_SLOTS = frozenset(Conn.__slots__)
 
 
 def _going_away(spread: float) -> str:
