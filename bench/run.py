@@ -980,7 +980,7 @@ def render(summary: dict[str, Any], tasks: list[Task], mode: Mode, peers: list[s
         L.append(f"![per server CPU-second and per second]({plot_name})\n")
     if mode.bcast:
         L.append("## Broadcast\n")
-        L.append("Peers with a broadcast mode: tether `app.broadcast` (a room: encoded and framed once), picows "
+        L.append("Peers with a broadcast mode: tether `app.broadcast` (a room: encoded once; picows adds each header), picows "
                  "(a loop of `transport.send`), websockets `broadcast()`, Node ws (a loop over `wss.clients`), Go "
                  "x/net (encoded once, `websocket.Message.Send` per connection), gorilla (one `PreparedMessage`). "
                  "The sender gets its own broadcast too where the server sends it; it is not counted.\n")

@@ -73,3 +73,32 @@ async def test_server_uncorked_single_message_and_close_keep_order(make_server) 
         opcode, _, payload = await ws.recv_frame()
         assert (opcode, payload[:2]) == (8, b"\x03\xe8")
         await ws.aclose()
+
+
+async def test_a_broadcast_while_corked_keeps_its_place_among_the_replies(make_server) -> None:
+    # While a read's frames are handled, replies are held for one write; a broadcast to the
+    # sender (or any write to it) must wait with them, not overtake them (picows writes
+    # directly only while nothing is held).
+    app = tether.App()
+
+    @app.on_connect
+    async def join(conn: tether.Conn) -> None:
+        await conn.join("r", presence=False)
+
+    @app.on("echo")
+    async def echo(conn: tether.Conn, n: int) -> None:
+        await conn.emit("echo", n)
+
+    @app.on("shout")
+    async def shout(conn: tether.Conn, n: int) -> None:
+        await app.broadcast("r", "shout", n)
+
+    server = await make_server({"/app": app})
+    async with timeout(10):
+        ws = await RawWS.open(server.port, "/app")
+        assert json.loads((await ws.recv_frame())[2])["type"] == "welcome"
+        sent = [("echo", 0), ("shout", 1), ("echo", 2), ("shout", 3), ("echo", 4)]
+        ws.writer.write(b"".join(ws.frame(1, json.dumps({"type": t, "data": n}).encode()) for t, n in sent))
+        got = [json.loads((await ws.recv_frame())[2]) for _ in sent]
+        await ws.aclose()
+    assert [(m["type"], m["data"]) for m in got] == sent

@@ -37,7 +37,7 @@ async def member(conn: tether.Conn) -> None:
 
 @app.on("broadcast")
 async def broadcast(conn: tether.Conn, data: Echo) -> None:
-    # Encoded once, framed once, the same bytes written to every member; never awaits a receiver.
+    # Encoded once, the same bytes written to every member (picows adds the header); never awaits a receiver.
     await app.broadcast("all", "broadcast", data)
 
 

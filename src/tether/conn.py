@@ -263,6 +263,7 @@ class Conn:
         "_close_callbacks",
         "_close_timer",
         "_closed",
+        "_direct",
         "_drain",
         "_dropped",
         "_held",
@@ -354,6 +355,9 @@ class Conn:
         self._send_queue: deque[tuple[bytes, int, bytes]] | None = None
         self._sent = 0
         self._dropped = 0
+        # The transport's own send (C code), called instead of Transport.write while the
+        # transport says it may be (write_directly): one Python call less per message.
+        self._direct: Callable[[int, bytes], object] | None = None
         if settings.ping_interval is not None:
             self._start_keepalive(settings.ping_interval, settings.ping_timeout)
 
@@ -502,6 +506,13 @@ class Conn:
                 self._drain = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._drain)
 
+    def write_directly(self, send: Callable[[int, bytes], object] | None) -> None:
+        """For transports: from now on write data frames by calling ``send(opcode, payload)``
+        (the transport's own, e.g. picows' ``WSTransport.send``) instead of
+        :meth:`Transport.write`; None: through ``Transport.write`` again (while the transport
+        holds frames back, so they keep their order)."""
+        self._direct = send
+
     def write(self, opcode: int, payload: bytes) -> None:
         """Write one data frame now, without waiting for the buffer to drain: the one
         write path. Raises :class:`ConnectionClosed` unless the connection is open.
@@ -511,7 +522,11 @@ class Conn:
         """
         if self.state is not OPEN:
             raise self.closed_error()
-        self._transport.write(opcode, payload)
+        direct = self._direct
+        if direct is not None:
+            direct(opcode, payload)
+        else:
+            self._transport.write(opcode, payload)
         self._last_write = _now()
         self.messages_out += 1
         if self.metrics is not None:
@@ -797,7 +812,8 @@ class Conn:
 
         While the socket's buffer is full the frame waits in a bounded queue instead.
         ``now`` (``time.monotonic()``) is read once per broadcast by the caller, not once per
-        receiver.
+        receiver. The payload goes through the transport's direct send when it gave one
+        (:meth:`write_directly`), else the frame through ``Transport.write_frame``.
         """
         if self.state is not OPEN:
             return
@@ -805,7 +821,11 @@ class Conn:
             self._queue_shared(frame, opcode, payload)
             return
         # _put_shared, inlined: this runs once per receiver of every broadcast.
-        self._transport.write_frame(frame, opcode, payload)
+        direct = self._direct
+        if direct is not None:
+            direct(opcode, payload)
+        else:
+            self._transport.write_frame(frame, opcode, payload)
         self._sent += 1
         self.messages_out += 1
         self._last_write = now or _now()

@@ -15,7 +15,7 @@ import socket
 import ssl as ssl_module
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from picows import WSError as _PicowsError
@@ -60,6 +60,12 @@ class TransportSettings:
     read_buffer_size: int = 2048
 
 
+def _direct_send(transport: WSTransport) -> Callable[[int, bytes], object]:
+    """picows' send as ``Conn.write_directly`` takes it: picows converts an int opcode to its
+    ``WSMsgType`` itself (its stub says ``WSMsgType`` only)."""
+    return cast("Callable[[int, bytes], object]", transport.send)
+
+
 class _PeerErrorLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """picows logs a peer's protocol errors at ERROR; they are the peer's fault, not ours:
     INFO keeps hostile clients from flooding the server's error log."""
@@ -92,7 +98,7 @@ class _Listener(WSListener):
 
     __slots__ = (
         "request", "conn", "_on_open", "_settings", "_is_client", "_receiver", "_max", "_transport", "_raw",
-        "_corked", "_pending", "_pending_size",
+        "_corked", "_pending", "_pending_size", "_send",
     )
 
     def __init__(self, request: Request, on_open: OnOpen | None, settings: TransportSettings, *, is_client: bool) -> None:
@@ -111,6 +117,7 @@ class _Listener(WSListener):
         self._corked = False
         self._pending: list[bytes] | None = None  # created on the first corked read
         self._pending_size = 0
+        self._send: Callable[[int, bytes], object] | None = None  # picows' send, for the Conn
 
     # -- picows callbacks ----------------------------------------------------------------
     def on_ws_connected(self, transport: WSTransport) -> None:
@@ -119,14 +126,19 @@ class _Listener(WSListener):
         peer = self._raw.get_extra_info("peername")
         self.request.remote_address = (peer[0], peer[1]) if peer else None
         self.conn = Conn(self, self.request, self._settings.conn, is_client=self._is_client)
+        # Uncorked, a Conn's data frames go straight to picows (it frames them, and masks a
+        # client's).
+        self._send = _direct_send(transport)
+        self.conn.write_directly(self._send)
         on_open, self._on_open = self._on_open, None  # what it holds is not needed after this
         if on_open is not None:
             on_open(self.conn)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         last = frame.last_in_buffer
-        if not last:  # more frames follow in this read: their replies leave in one write
-            self._corked = not self._is_client
+        if not last and not self._corked and not self._is_client:
+            # More frames follow in this read: their replies leave in one write.
+            self._cork_on()
         try:
             self._frame(frame)
         except BaseException:
@@ -136,10 +148,18 @@ class _Listener(WSListener):
         if last and self._corked:
             self._uncork()
 
+    def _cork_on(self) -> None:
+        """Hold the frames the Conn writes (through write and write_frame) until _uncork."""
+        self._corked = True
+        if self.conn is not None:
+            self.conn.write_directly(None)
+
     def _uncork(self) -> None:
-        """Write every frame produced while corked, in one write."""
+        """Write every frame produced while corked, in one write; then writes go direct again."""
         self._corked = False
         self._flush()
+        if self.conn is not None:
+            self.conn.write_directly(self._send)
 
     def _flush(self) -> None:
         if self._pending:
