@@ -1157,7 +1157,9 @@ class RedisBroker(Broker):
 
     async def _send(self, batch: list[tuple[str, bytes, int]]) -> list[Any]:
         """One pipeline: a :data:`_PUBLISH` script per stream publication, a PUBLISH per raw one."""
-        epoch = secrets.token_hex(4).encode()  # a room without one gets this (one per batch is enough)
+        # A room without an epoch gets this one (one per batch is enough). Not a secret, only
+        # unlikely to repeat: random.getrandbits, not secrets (a getrandom(2) per batch).
+        epoch = b"%08x" % random.getrandbits(32)
         sha = self._scripts["publish"].sha
         async with self._client.pipeline(transaction=False) as pipe:
             for room, data, seq in batch:
