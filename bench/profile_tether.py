@@ -34,13 +34,23 @@ def _decode_line() -> str:
     return f"{DISPATCH}:?"
 
 
+def _send_lines() -> set[str]:
+    """file:line of the calls to picows' send that Conn makes itself (``Conn.write_directly``)."""
+    src = bench.ROOT / "src" / "tether/conn.py"
+    return {f"tether/conn.py:{i}" for i, line in enumerate(src.read_text().splitlines(), 1)
+            if "direct(opcode, payload)" in line}
+
+
+_SENDS = _send_lines()
+
+
 def category(frame: str, decode_at: str) -> str:
     """Self time of a leaf frame -> a layer. C code is charged to the Python line that called it."""
     name, _, where = frame.partition(" (")
     if where.startswith(decode_at):
         return "msgspec: decode + validate the envelope (C, called from Dispatcher._handle)"
-    if name.endswith("_Listener.write"):
-        return "picows transport.send: frame + write(2) syscall (C, called from _Listener.write)"
+    if name.endswith("_Listener.write") or where.rstrip(")") in _SENDS:
+        return "picows transport.send: frame + write(2) syscall (C, called from Conn.write, or _Listener.write when corked)"
     if name == "encode_message" or "msgspec" in where:
         return "msgspec: encode the reply (C)"
     if "asyncio/runners.py" in where or "uvloop" in where or "asyncio/base_events" in where:
