@@ -832,7 +832,11 @@ class Conn:
         self._last_write = now or _now()
 
     def _put_shared(self, frame: bytes, opcode: int, payload: bytes) -> None:
-        self._transport.write_frame(frame, opcode, payload)
+        direct = self._direct
+        if direct is not None:
+            direct(opcode, payload)
+        else:
+            self._transport.write_frame(frame, opcode, payload)
         self._sent += 1
         self.messages_out += 1
         self._last_write = _now()
