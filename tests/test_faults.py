@@ -228,25 +228,23 @@ async def test_corked_large_replies_stop_the_app_while_the_peer_does_not_read(ma
 async def test_a_frame_that_fails_does_not_strand_the_corked_replies(make_server: ServerFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure in the middle of one read's frames (a bug, here injected) still writes the
     replies already produced for that read, before picows drops the connection."""
-    from tether.transport.picows import _Listener  # noqa: PLC2701  (the transport under test)
-
     app = tether.App()
 
     @app.on("add")
     def add(conn: tether.Conn, n: int) -> int:
         return n + 1
 
-    real = _Listener._frame
+    real = tether.Conn.on_message
     seen = 0
 
-    def second_fails(self: Any, frame: Any) -> None:
+    def second_fails(self: Any, message: Any) -> None:
         nonlocal seen
         seen += 1
-        if seen == 2:  # the 2nd of the read's three frames fails
+        if seen == 2:  # the 2nd of the read's three frames fails (raised into the picows listener)
             raise RuntimeError("injected")
-        real(self, frame)
+        real(self, message)
 
-    monkeypatch.setattr(_Listener, "_frame", second_fails)
+    monkeypatch.setattr(tether.Conn, "on_message", second_fails)
     server = await make_server({"/app": app}, ping_interval=None)
     ws = await RawWS.open(server.port, "/app")
     ws.writer.write(b"".join(ws.frame(OP_TEXT, json.dumps({"type": "add", "data": n, "id": n}).encode()) for n in range(3)))

@@ -140,7 +140,30 @@ class _Listener(WSListener):
             # More frames follow in this read: their replies leave in one write.
             self._cork_on()
         try:
-            self._frame(frame)
+            # The fast path, inlined here (a Python call less per message): a whole text
+            # message in one frame, the common case. Each attribute of a picows frame is read
+            # once: msg_type alone costs ~70 ns (picows converts it to its enum every time).
+            msg_type = frame.msg_type
+            receiver = self._receiver
+            if (
+                msg_type is _TEXT
+                and frame.fin
+                and not (frame.rsv1 or frame.rsv2 or frame.rsv3)
+                and (receiver is None or receiver.idle)
+            ):
+                conn = self.conn
+                assert conn is not None
+                if frame.payload_size > self._max:
+                    conn.on_protocol_error(1009, "message too big")
+                else:
+                    try:
+                        text = frame.get_payload_as_utf8_text()
+                    except UnicodeDecodeError:
+                        conn.on_protocol_error(1007, "invalid UTF-8")
+                    else:
+                        conn.on_message(text)
+            else:
+                self._frame(frame, msg_type)
         except BaseException:
             if self._corked:  # one frame that fails must not strand the replies to the others
                 self._uncork()
@@ -183,24 +206,12 @@ class _Listener(WSListener):
         if self._pending_size > CORK_LIMIT:
             self._flush()
 
-    def _frame(self, frame: WSFrame) -> None:
+    def _frame(self, frame: WSFrame, msg_type: WSMsgType) -> None:
+        """Every frame but a whole text message (on_ws_frame's fast path)."""
         conn = self.conn
         assert conn is not None
-        msg_type = frame.msg_type
         rsv = frame.rsv1 or frame.rsv2 or frame.rsv3
         receiver = self._receiver
-        if msg_type is _TEXT and frame.fin and not rsv and (receiver is None or receiver.idle):
-            # Fast path: a whole text message in one frame (the common case).
-            if frame.payload_size > self._max:
-                conn.on_protocol_error(1009, "message too big")
-                return
-            try:
-                text = frame.get_payload_as_utf8_text()
-            except UnicodeDecodeError:
-                conn.on_protocol_error(1007, "invalid UTF-8")
-                return
-            conn.on_message(text)
-            return
         if msg_type not in _DATA_OR_CLOSE:
             if rsv:
                 conn.on_protocol_error(1002, "reserved bits set")  # RFC 6455 section 5.2
