@@ -4,6 +4,7 @@ lifecycle, concurrency and backpressure."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import socket
 from pathlib import Path
@@ -332,6 +333,34 @@ async def test_server_connections_tracks_open_conns(make_server: ServerFactory) 
         while server.connections:
             await asyncio.sleep(0)
     assert conn.close_code == 1000
+
+
+async def test_server_keeps_no_handler_task_of_a_closed_connection(make_server: ServerFactory) -> None:
+    """A long-running server does not grow with the connections it has served: once a
+    connection's handler has ended, nothing of the server holds its task."""
+    app = tether.App()
+
+    @app.on("echo")
+    def echo_it(conn: tether.Conn, data: str) -> str:
+        return data
+
+    def handler_tasks() -> int:
+        gc.collect()
+        return sum(
+            1 for obj in gc.get_objects()
+            if isinstance(obj, asyncio.Task) and getattr(obj.get_coro(), "__qualname__", "") == "run_handler"
+        )
+
+    server = await make_server({"/app": app})
+    async with timeout(10):
+        for n in range(20):
+            async with tether.Client(url(server, "/app")) as client:
+                assert await client.request("echo", f"n{n}") == f"n{n}"
+    # Each handler ends a loop iteration or two after its connection is lost.
+    deadline = asyncio.get_running_loop().time() + 5
+    while (left := handler_tasks()) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    assert left == 0, f"{left} handler tasks of closed connections are still held"
 
 
 async def test_server_close_closes_clients_with_1001(make_server: ServerFactory) -> None:

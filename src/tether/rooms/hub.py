@@ -141,6 +141,7 @@ class Hub:
         # conn -> its rooms: a tuple (a member is in a few rooms; an empty set costs 216 bytes
         # per connection, a 1-tuple 48)
         self._of: dict[Conn, tuple[str, ...]] = {}
+        self._on_conn_closed = self._conn_closed  # one bound method for every member (64 bytes each)
         self._ids: dict[Conn, str] = {}  # member ids of connections without a session
         self._keys: dict[Conn, str] = {}  # what names a connection in an ``exclude``
         self._by_key: dict[str, Conn] = {}
@@ -226,7 +227,7 @@ class Hub:
         rooms = self._of.get(conn)
         if rooms is None:
             rooms = ()
-            conn.on_close(self._conn_closed)
+            conn.on_close(self._on_conn_closed)
         if room not in rooms:
             self._of[conn] = (*rooms, room)
 

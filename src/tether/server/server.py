@@ -266,9 +266,7 @@ class Server:
         if log or metrics is not None:
             conn.on_close(partial(self._closed, time.monotonic(), log))
         # One coroutine frame per connection, not two: idle connections should be cheap.
-        task = asyncio.get_running_loop().create_task(run_handler(run, conn))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.add(asyncio.get_running_loop().create_task(run_handler(run, conn, self._tasks)))
 
     def _closed(self, opened: float, log: bool, conn: Conn) -> None:
         if self.metrics is not None:
