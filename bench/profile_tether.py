@@ -48,7 +48,7 @@ def category(frame: str, decode_at: str) -> str:
     """Self time of a leaf frame -> a layer. C code is charged to the Python line that called it."""
     name, _, where = frame.partition(" (")
     if where.startswith(decode_at):
-        return "msgspec: decode + validate the envelope (C, called from Dispatcher._handle)"
+        return "msgspec: decode + validate the envelope (C, called from Dispatcher.message)"
     if name.endswith("_Listener.write") or where.rstrip(")") in _SENDS:
         return "picows transport.send: frame + write(2) syscall (C, called from Conn.write, or _Listener.write when corked)"
     if name == "encode_message" or "msgspec" in where:
@@ -127,8 +127,8 @@ def main() -> int:
         f"Reading it: about {share('picows transport.send')} of the busy time is `transport.send`, i.e. one "
         f"`write(2)` per reply; {share('uvloop')} is uvloop's C loop (epoll, socket reads, picows parsing the "
         f"frame); msgspec's decode + validate and encode together are ~{share('msgspec')}. The rest, "
-        f"{share('tether Python')}, is tether's Python glue per message: `_Listener.on_ws_frame`/`_frame`, "
-        "`Conn.on_message`, `Dispatcher.message`/`_handle`, stepping the handler coroutine eagerly, `Conn.emit`/"
+        f"{share('tether Python')}, is tether's Python glue per message: `_Listener.on_ws_frame`, "
+        "`Conn.on_message`, `Dispatcher.message`, stepping the handler coroutine eagerly, `Conn.emit`/"
         "`write` (py-spy charges a frame's time to the line it is on, so a few percent of C calls may show on the "
         "line after them). `python bench/micro.py --instructions` counts that Python path per message, "
         "without the machine's noise.\n"
