@@ -265,7 +265,9 @@ class Server:
             logs.log_open(conn)
         if log or metrics is not None:
             conn.on_close(partial(self._closed, time.monotonic(), log))
-        # One coroutine frame per connection, not two: idle connections should be cheap.
+        # One coroutine frame per connection, not two: idle connections should be cheap. The
+        # task leaves _tasks as it ends (run_handler's finally; a task cancelled before its first
+        # step would stay, but handlers are cancelled only at shutdown, long after they started).
         self._tasks.add(asyncio.get_running_loop().create_task(run_handler(run, conn, self._tasks)))
 
     def _closed(self, opened: float, log: bool, conn: Conn) -> None:
